@@ -1,0 +1,123 @@
+"""Argument checks and target resolution shared by explainers and metrics.
+
+Every error names the argument, says what came and what would work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_images", "check_maps", "resolve_targets", "Targets"]
+
+Targets = Tensor | int | None
+
+
+def check_images(x: object, name: str = "x") -> Tensor:
+    """Check that ``x`` is a floating ``[B, C, H, W]`` tensor with ``B >= 1``.
+
+    Args:
+        x: The value to check.
+        name: The argument name to use in the error message.
+
+    Returns:
+        ``x`` itself.
+
+    Raises:
+        TypeError: If ``x`` is not a floating-point tensor.
+        ValueError: If ``x`` is not 4-D or has an empty batch.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of shape [B, C, H, W], got {type(x).__name__}.")
+    if x.ndim != 4:
+        raise ValueError(
+            f"`{name}` must have shape [B, C, H, W], got shape {tuple(x.shape)}. "
+            "Add a batch dimension with `x.unsqueeze(0)` for a single image."
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"`{name}` has an empty batch (shape {tuple(x.shape)}); pass at least one image.")
+    if not x.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}. Use `x.float()`.")
+    return x
+
+
+def check_maps(maps: object, x: Tensor, name: str = "maps", nonnegative: bool = True) -> Tensor:
+    """Check explanation maps against the images they explain.
+
+    Args:
+        maps: ``[B, h, w]`` (or ``[B, 1, h, w]``) maps, at layer or input resolution.
+        x: The ``[B, C, H, W]`` images they belong to.
+        name: The argument name to use in the error message.
+        nonnegative: Require every value to be ``>= 0`` (raw CAM maps are ReLU'd).
+
+    Returns:
+        The maps as a float32 ``[B, h, w]`` tensor on ``x``'s device.
+
+    Raises:
+        TypeError: If ``maps`` is not a tensor.
+        ValueError: On a wrong rank, a batch-size mismatch, non-finite values or negative values.
+    """
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of shape [B, h, w], got {type(maps).__name__}.")
+    if maps.ndim == 4 and maps.shape[1] == 1:
+        maps = maps[:, 0]
+    if maps.ndim != 3:
+        raise ValueError(f"`{name}` must have shape [B, h, w] (or [B, 1, h, w]), got shape {tuple(maps.shape)}.")
+    if maps.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"`{name}` has batch size {maps.shape[0]} but the images have {x.shape[0]}; pass one map per image."
+        )
+    maps = maps.detach().to(device=x.device, dtype=torch.float32)
+    if not bool(torch.isfinite(maps).all()):
+        raise ValueError(f"`{name}` contains NaN or infinite values; explanation maps must be finite.")
+    if nonnegative and bool((maps < 0).any()):
+        raise ValueError(
+            f"`{name}` has negative values (min {maps.min().item():.4g}); this metric needs non-negative maps. "
+            "Pass ReLU'd CAM maps or `maps.clamp_min(0)` / `maps.abs()`."
+        )
+    return maps
+
+
+def resolve_targets(targets: Targets, logits: Tensor) -> Tensor:
+    """Turn the ``targets`` argument into a ``LongTensor [B]`` of class indices.
+
+    Args:
+        targets: ``None`` (the argmax of ``logits``), an ``int`` (the same class for every image) or an
+            integer tensor of shape ``[B]``.
+        logits: ``[B, K]`` model outputs on the clean images.
+
+    Returns:
+        ``LongTensor [B]`` on ``logits``' device.
+
+    Raises:
+        TypeError: If ``targets`` has an unsupported type or dtype.
+        ValueError: If ``logits`` is not ``[B, K]``, or targets have a wrong shape or are out of range.
+    """
+    if logits.ndim != 2:
+        raise ValueError(
+            f"the model must return logits of shape [B, K], got shape {tuple(logits.shape)}. "
+            "Wrap the model so that it returns class scores."
+        )
+    batch, classes = logits.shape
+    if targets is None:
+        return logits.detach().argmax(dim=1)
+    if isinstance(targets, bool) or not isinstance(targets, (int, Tensor)):
+        raise TypeError(
+            f"`targets` must be None, an int or a LongTensor of shape [B], got {type(targets).__name__}."
+        )
+    if isinstance(targets, int):
+        resolved = torch.full((batch,), targets, dtype=torch.long, device=logits.device)
+    else:
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise TypeError(f"`targets` must hold integer class indices, got dtype {targets.dtype}.")
+        if targets.ndim == 0:
+            targets = targets.expand(batch)
+        if targets.shape != (batch,):
+            raise ValueError(f"`targets` must have shape [{batch}] (one class per image), got {tuple(targets.shape)}.")
+        resolved = targets.to(device=logits.device, dtype=torch.long)
+    if bool(((resolved < 0) | (resolved >= classes)).any()):
+        raise ValueError(
+            f"`targets` must lie in [0, {classes - 1}] for a model with {classes} classes, "
+            f"got values {resolved.min().item()}..{resolved.max().item()}."
+        )
+    return resolved

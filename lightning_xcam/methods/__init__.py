@@ -1,0 +1,1 @@
+"""Explainers: one batched CAM engine (Grad-CAM, Integrated Grad-CAM, Expected Grad-CAM) and GAD."""

@@ -1,0 +1,159 @@
+"""The explanation context: run explanation work on a live model without leaving a trace.
+
+Every explainer and metric enters :func:`explanation_context` before touching the model. Inside it the
+model is in eval mode, autograd is enabled, inference mode and autocast are off; on exit (also after an
+exception) every submodule's ``training`` flag, every parameter's ``requires_grad`` and ``.grad``, every
+buffer, the global RNG states (CPU and any initialised CUDA device) and the set of registered hooks are
+exactly as they were found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as _module_globals
+
+__all__ = ["explanation_context", "fresh_input"]
+
+# Per-module hook dictionaries that explanation code could register into (by handle) and must leave clean.
+_MODULE_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+_GLOBAL_HOOK_DICTS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+@dataclass
+class _ModelSnapshot:
+    training: list[tuple[nn.Module, bool]]
+    requires_grad: list[tuple[nn.Parameter, bool]]
+    grads: list[tuple[nn.Parameter, Tensor | None]]
+    buffers: list[tuple[Tensor, Tensor]]
+    module_hooks: list[tuple[dict, set]]
+    global_hooks: list[tuple[dict, set]]
+
+    @classmethod
+    def take(cls, model: nn.Module) -> _ModelSnapshot:
+        modules = list(model.modules())
+        params = list(model.parameters())
+        with torch.no_grad():
+            buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        module_hooks = [
+            (hooks, set(hooks))
+            for m in modules
+            for name in _MODULE_HOOK_DICTS
+            if isinstance(hooks := getattr(m, name, None), dict)
+        ]
+        global_hooks = [
+            (hooks, set(hooks))
+            for name in _GLOBAL_HOOK_DICTS
+            if isinstance(hooks := getattr(_module_globals, name, None), dict)
+        ]
+        return cls(
+            training=[(m, m.training) for m in modules],
+            requires_grad=[(p, p.requires_grad) for p in params],
+            grads=[(p, p.grad) for p in params],
+            buffers=buffers,
+            module_hooks=module_hooks,
+            global_hooks=global_hooks,
+        )
+
+    def restore(self) -> None:
+        for hooks, keys in (*self.module_hooks, *self.global_hooks):
+            for key in [k for k in hooks if k not in keys]:
+                del hooks[key]
+        for m, flag in self.training:
+            m.training = flag
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+        for p, grad in self.grads:
+            if p.grad is not grad:
+                p.grad = grad
+        with torch.no_grad():
+            for buffer, saved in self.buffers:
+                if not torch.equal(buffer, saved):
+                    buffer.copy_(saved)
+
+
+@contextmanager
+def _preserved_rng() -> Iterator[None]:
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@contextmanager
+def explanation_context(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in a state fit for explanation and restore everything on exit.
+
+    Inside the context: every submodule in eval mode, gradients enabled, inference mode and autocast
+    disabled. Explanation code must still take gradients with ``torch.autograd.grad`` only (never
+    ``.backward()``) and draw randomness from its own ``torch.Generator``; the context is the safety net
+    that puts back whatever it touched anyway.
+
+    Args:
+        model: The live model (an ``nn.Module`` or a ``LightningModule``).
+
+    Yields:
+        The same ``model``, in eval mode.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout()).train()
+        >>> with explanation_context(net):
+        ...     net.training
+        False
+        >>> net.training
+        True
+    """
+    snapshot = _ModelSnapshot.take(model)
+    device = _model_device(model)
+    with ExitStack() as stack:
+        stack.callback(snapshot.restore)
+        stack.enter_context(_preserved_rng())
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.autocast(device.type, enabled=False))
+        model.eval()
+        yield model
+
+
+def fresh_input(x: Tensor, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A detached copy of ``x`` that autograd may save, even if ``x`` was made under inference mode.
+
+    Call it inside :func:`explanation_context`: a copy taken while inference mode is on is still an
+    inference tensor and cannot be saved for backward.
+
+    Args:
+        x: Any tensor, possibly an inference tensor cached from a validation step.
+        device: Where to put the copy; ``None`` keeps ``x.device``.
+        dtype: Floating dtype of the copy.
+
+    Returns:
+        A new, normal tensor that does not require grad.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("fresh_input must be called inside explanation_context (inference mode is on).")
+    return x.detach().to(device=device or x.device, dtype=dtype).clone()
