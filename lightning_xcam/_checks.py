@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_images", "check_maps", "resolve_targets", "Targets"]
+__all__ = ["check_images", "check_maps", "targets_tensor", "resolve_targets", "Targets"]
 
 Targets = Tensor | int | None
 
@@ -78,6 +78,39 @@ def check_maps(maps: object, x: Tensor, name: str = "maps", nonnegative: bool = 
     return maps
 
 
+def targets_tensor(targets: Targets, batch: int, device: torch.device) -> Tensor | None:
+    """Check the type and shape of ``targets`` and turn an int into a ``LongTensor [batch]``.
+
+    Args:
+        targets: ``None``, an ``int`` or an integer tensor of shape ``[batch]`` (or a scalar tensor).
+        batch: Number of images.
+        device: Device of the returned tensor.
+
+    Returns:
+        ``None`` (meaning: the model's argmax) or ``LongTensor [batch]``. The range is checked by
+        :func:`resolve_targets` once the number of classes is known.
+
+    Raises:
+        TypeError: If ``targets`` has an unsupported type or dtype.
+        ValueError: If a tensor has the wrong shape.
+    """
+    if targets is None:
+        return None
+    if isinstance(targets, bool) or not isinstance(targets, (int, Tensor)):
+        raise TypeError(
+            f"`targets` must be None, an int or a LongTensor of shape [B], got {type(targets).__name__}."
+        )
+    if isinstance(targets, int):
+        return torch.full((batch,), targets, dtype=torch.long, device=device)
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(f"`targets` must hold integer class indices, got dtype {targets.dtype}.")
+    if targets.ndim == 0:
+        targets = targets.expand(batch)
+    if targets.shape != (batch,):
+        raise ValueError(f"`targets` must have shape [{batch}] (one class per image), got {tuple(targets.shape)}.")
+    return targets.to(device=device, dtype=torch.long)
+
+
 def resolve_targets(targets: Targets, logits: Tensor) -> Tensor:
     """Turn the ``targets`` argument into a ``LongTensor [B]`` of class indices.
 
@@ -92,6 +125,10 @@ def resolve_targets(targets: Targets, logits: Tensor) -> Tensor:
     Raises:
         TypeError: If ``targets`` has an unsupported type or dtype.
         ValueError: If ``logits`` is not ``[B, K]``, or targets have a wrong shape or are out of range.
+
+    Example:
+        >>> resolve_targets(None, torch.tensor([[0.1, 2.0], [3.0, 0.0]]))
+        tensor([1, 0])
     """
     if logits.ndim != 2:
         raise ValueError(
@@ -99,22 +136,9 @@ def resolve_targets(targets: Targets, logits: Tensor) -> Tensor:
             "Wrap the model so that it returns class scores."
         )
     batch, classes = logits.shape
-    if targets is None:
+    resolved = targets_tensor(targets, batch, logits.device)
+    if resolved is None:
         return logits.detach().argmax(dim=1)
-    if isinstance(targets, bool) or not isinstance(targets, (int, Tensor)):
-        raise TypeError(
-            f"`targets` must be None, an int or a LongTensor of shape [B], got {type(targets).__name__}."
-        )
-    if isinstance(targets, int):
-        resolved = torch.full((batch,), targets, dtype=torch.long, device=logits.device)
-    else:
-        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-            raise TypeError(f"`targets` must hold integer class indices, got dtype {targets.dtype}.")
-        if targets.ndim == 0:
-            targets = targets.expand(batch)
-        if targets.shape != (batch,):
-            raise ValueError(f"`targets` must have shape [{batch}] (one class per image), got {tuple(targets.shape)}.")
-        resolved = targets.to(device=logits.device, dtype=torch.long)
     if bool(((resolved < 0) | (resolved >= classes)).any()):
         raise ValueError(
             f"`targets` must lie in [0, {classes - 1}] for a model with {classes} classes, "
