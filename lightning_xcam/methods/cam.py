@@ -591,7 +591,8 @@ class ExpectedGradCAM(_CAM):
         if spread <= 1e-6 * pooled.abs().amax().clamp_min(1e-12):
             self._warned_constant_gradient = True
             warnings.warn(
-                f"the layer gradient at `{self._layer_name}` is the same for every input (a global-pooling + linear "
-                "head follows it), so weights='gradient' equals Grad-CAM exactly; use weights='integrated'.",
+                f"the layer gradient at `{self._layer_name}` is the same at every path point (a global-pooling + "
+                "linear head follows the layer, or the references equal the input), so weights='gradient' equals "
+                "Grad-CAM exactly; use weights='integrated'.",
                 stacklevel=6,
             )
