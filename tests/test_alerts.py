@@ -1,0 +1,452 @@
+"""Shortcut early warning (ALGORITHMS.md §6): signals, intervention, the warning rule, decoy data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import lightning_xcam
+from lightning_xcam.alerts import (
+    Alert,
+    Observation,
+    WarningRule,
+    a50,
+    area_ratio,
+    border_mass,
+    concentration,
+    kmeans,
+    region_reliance,
+    spectral_clusters,
+    spurious_mass,
+    top_region,
+)
+from lightning_xcam.alerts import _random_offsets, _shift_masks
+from lightning_xcam.demos import add_decoy_tags, load_lfw_tensors
+
+# ------------------------------------------------------------------------------------------------ signals
+
+
+def test_border_mass_hand_computed() -> None:
+    maps = torch.zeros(2, 10, 10)
+    maps[0, 0, 5], maps[0, 5, 5], maps[0, 9, 9] = 1.0, 1.0, 2.0  # band = 1 cell: 3 of 4 units on the border
+    maps[1, 4:6, 4:6] = 1.0  # all inside
+    assert border_mass(maps).tolist() == pytest.approx([0.75, 0.0])
+
+
+def test_border_mass_cuts_cells_by_area() -> None:
+    # 5x5 with a 10 % band: 0.5 cell per side. A uniform map gives the band's area share 1 - 0.8^2.
+    assert border_mass(torch.ones(1, 5, 5)).item() == pytest.approx(0.36)
+    edge = torch.zeros(1, 5, 5)
+    edge[0, 0, 2] = 1.0  # half of this cell is in the band
+    corner = torch.zeros(1, 5, 5)
+    corner[0, 0, 0] = 1.0  # 1 - (1 - 0.5)(1 - 0.5)
+    assert border_mass(torch.cat([edge, corner])).tolist() == pytest.approx([0.5, 0.75])
+    assert border_mass(torch.ones(1, 7, 9), band=0.5).item() == pytest.approx(1.0)
+
+
+def test_spurious_mass_and_area_ratio_hand_computed() -> None:
+    maps = torch.tensor([[[4.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]])
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, :2, :2] = True  # holds 6 of 8 units on 4 of 16 cells
+    assert spurious_mass(maps, mask).item() == pytest.approx(0.75)
+    assert area_ratio(maps, mask).item() == pytest.approx(3.0)
+    # A constant 2x2 map, upsampled to the 4x4 mask: uniform, so rho = 1 for any region.
+    assert area_ratio(torch.ones(1, 2, 2), mask).item() == pytest.approx(1.0)
+    # Empty region and degenerate map: defined zeros, not NaN.
+    assert area_ratio(maps, torch.zeros_like(mask)).item() == 0.0
+    assert area_ratio(torch.zeros(1, 4, 4), mask).item() == 0.0
+    assert spurious_mass(torch.full((1, 4, 4), float("nan")), mask).item() == 0.0
+
+
+def test_a50_hand_computed() -> None:
+    maps = torch.tensor(
+        [
+            [[4.0, 0.0], [0.0, 0.0]],  # one cell holds everything
+            [[1.0, 1.0], [1.0, 1.0]],  # two cells of four
+            [[2.0, 2.0], [1.0, 1.0]],  # 2/6 < 1/2, 4/6 >= 1/2: two cells
+            [[3.0, 1.0], [0.0, 0.0]],  # 3/4 >= 1/2
+            [[0.0, 0.0], [0.0, 0.0]],  # degenerate: 1 by convention
+        ]
+    )
+    assert a50(maps).tolist() == pytest.approx([0.25, 0.5, 0.5, 0.25, 1.0])
+
+
+def test_concentration_hand_computed_per_group() -> None:
+    maps = torch.zeros(7, 16, 16)
+    maps[0, 3, 3] = maps[1, 3, 3] = 1.0  # group 0: same cell twice
+    maps[2, 0, 0] = maps[3, 15, 15] = 1.0  # group 1: two different cells
+    maps[4] = 1.0  # group 2: uniform map + one degenerate map
+    maps[5] = 0.0
+    maps[6] = -1.0  # group 5: only a degenerate map
+    res = concentration(maps, torch.tensor([0, 0, 1, 1, 2, 2, 5]))
+    assert res.groups.tolist() == [0, 1, 2, 5]
+    # Group 1: mean map (1/2, 1/2): H = log 2, focus = 1 - log 2 / log 256 = 7/8; cos(e_a, mean) = 1/sqrt 2.
+    assert res.focus.tolist() == pytest.approx([1.0, 0.875, 0.0, 0.0], abs=1e-6)
+    assert res.coherence.tolist() == pytest.approx([1.0, 1 / math.sqrt(2), 1.0, 0.0], abs=1e-6)
+    assert res.count.tolist() == [2, 2, 1, 0]
+    assert res.num_degenerate.tolist() == [0, 0, 1, 1]
+
+
+def test_concentration_matches_scipy_entropy_on_random_maps() -> None:
+    from scipy.stats import entropy
+
+    maps = torch.rand(9, 16, 16) ** 4
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2])
+    res = concentration(maps, groups)
+    unit = maps / maps.sum(dim=(1, 2), keepdim=True)
+    for g in range(3):
+        mean = unit[groups == g].mean(dim=0).flatten().double().numpy()
+        assert res.focus[g].item() == pytest.approx(1 - entropy(mean) / math.log(256), abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- clustering
+
+
+def _blobs(centres: Tensor, sigma: Tensor, size: int = 32) -> Tensor:
+    grid = torch.arange(size, dtype=torch.float32)
+    yy, xx = torch.meshgrid(grid, grid, indexing="ij")
+    dist2 = (yy - centres[:, 0, None, None]) ** 2 + (xx - centres[:, 1, None, None]) ** 2
+    return torch.exp(-dist2 / (2 * sigma[:, None, None] ** 2))
+
+
+def _planted_maps(seed: int = 0) -> Tensor:
+    """60 CAM-like maps: 42 object blobs near the centre, then 18 corner-shortcut blobs; sparse noise."""
+    gen = torch.Generator().manual_seed(seed)
+    clean = _blobs(16 + 3 * torch.randn(42, 2, generator=gen), 3 + 2 * torch.rand(42, generator=gen))
+    short = _blobs(1 + 2 * torch.rand(18, 2, generator=gen), 1 + 0.5 * torch.rand(18, generator=gen))
+    noise = (0.05 * torch.randn(60, 32, 32, generator=gen)).clamp_min(0)
+    return torch.cat([clean, short]) + noise
+
+
+def test_spectral_clusters_isolates_and_flags_a_planted_corner_cluster() -> None:
+    maps = _planted_maps()
+    planted = torch.arange(60) >= 42
+    assert border_mass(maps[planted]).mean() > 0.5 > 0.1 > border_mass(maps[~planted]).mean()
+    res = spectral_clusters(maps, torch.zeros(60, dtype=torch.long), generator=torch.Generator().manual_seed(0))
+    # The kNN graph has two components (two zero eigenvalues) and one cluster is exactly the 18 maps.
+    assert int((res.eigenvalues[0] < 1e-8).sum()) == 2
+    exact = [c for c in range(len(res.size)) if torch.equal(res.assignments == c, planted)]
+    assert len(exact) == 1
+    shortcut = exact[0]
+    assert res.flagged.tolist() == [c == shortcut for c in range(len(res.size))]
+    assert "isolated" in res.reasons[shortcut]
+    assert res.isolation[shortcut].item() == 1.0
+    assert res.fraction[shortcut].item() == pytest.approx(0.3)
+    assert torch.equal(res.members(shortcut), planted.nonzero().flatten())
+    # Purity against a known attribute: the shortcut cluster is pure.
+    res_g = spectral_clusters(maps, torch.zeros(60, dtype=torch.long), groups=planted.long())
+    shortcut_g = int(res_g.assignments[-1])
+    assert res_g.purity[shortcut_g].item() == 1.0
+
+
+def test_spectral_clusters_does_not_flag_clean_maps() -> None:
+    gen = torch.Generator().manual_seed(5)
+    clean = _blobs(16 + 3 * torch.randn(60, 2, generator=gen), 3 + 2 * torch.rand(60, generator=gen))
+    maps = clean + (0.05 * torch.randn(60, 32, 32, generator=gen)).clamp_min(0)
+    res = spectral_clusters(maps, torch.zeros(60, dtype=torch.long))
+    assert int((res.eigenvalues[0] < 1e-8).sum()) == 1
+    assert not bool(res.flagged.any())
+    assert int(res.size.sum()) == 60
+
+
+def test_spectral_clusters_skips_small_classes_and_degenerate_maps_without_nan() -> None:
+    maps = torch.cat([_planted_maps(), torch.zeros(3, 32, 32), torch.rand(10, 32, 32)])
+    labels = torch.cat([torch.zeros(63, dtype=torch.long), torch.ones(10, dtype=torch.long)])
+    res = spectral_clusters(maps, labels)
+    assert res.num_degenerate == 3 and res.skipped_classes == [1]
+    assert (res.assignments[60:] == -1).all() and (res.assignments[:60] >= 0).all()
+    for stat in (res.fraction, res.focus, res.coherence, res.purity, res.silhouette, res.isolation):
+        assert torch.isfinite(stat).all()
+
+
+def test_kmeans_is_deterministic_and_recovers_separated_groups() -> None:
+    gen = torch.Generator().manual_seed(3)
+    points = torch.cat([torch.randn(20, 2, generator=gen) + 10 * i for i in range(3)])
+    first = kmeans(points, 3, torch.Generator().manual_seed(1))
+    again = kmeans(points, 3, torch.Generator().manual_seed(1))
+    assert torch.equal(first, again)
+    assert all(first[20 * i : 20 * (i + 1)].unique().numel() == 1 for i in range(3))
+    assert first.unique().numel() == 3
+
+
+# ----------------------------------------------------------------------------------------- intervention
+
+
+class _PatchModel(nn.Module):
+    """Class 0's logit reads the mean of a fixed patch (strongly) and of the whole image (weakly)."""
+
+    def __init__(self, patch: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("patch", patch.float())
+        self.dropout = nn.Dropout(0.5)  # must be off during the checks
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.dropout(x)
+        local = (x[:, 0] * self.patch).sum(dim=(1, 2)) / self.patch.sum()
+        score = 2.0 * (local - 1.0) + 0.3 * x[:, 0].mean(dim=(1, 2))  # p ~ 0.6: not saturated
+        return torch.stack([score, torch.zeros_like(score)], dim=1)
+
+
+def _regions(size: int = 16) -> tuple[Tensor, Tensor]:
+    corner = torch.zeros(size, size, dtype=torch.bool)
+    corner[:4, :4] = True
+    centre = torch.zeros(size, size, dtype=torch.bool)
+    centre[6:10, 6:10] = True
+    return corner, centre
+
+
+def _bright_images(batch: int = 6, size: int = 16) -> Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return 1.0 + 0.5 * torch.rand(batch, 1, size, size, generator=gen)
+
+
+@pytest.mark.parametrize("looks_at", ["corner", "centre"])
+def test_region_reliance_separates_the_region_the_model_uses(looks_at: str) -> None:
+    corner, centre = _regions()
+    used, unused = (corner, centre) if looks_at == "corner" else (centre, corner)
+    model = _PatchModel(used).train()
+    x = _bright_images()
+    targets = torch.zeros(6, dtype=torch.long)
+    hit = region_reliance(model, x, used.expand(6, -1, -1), targets, fill="zero", generator=torch.Generator())
+    miss = region_reliance(model, x, unused.expand(6, -1, -1), targets, fill="zero", generator=torch.Generator())
+    assert model.training  # the model is left as found
+    assert (hit.z > 10).all() and (hit.drop_region > 0.2).all()
+    assert (hit.drop_random.abs() < 0.05).all()  # the controls never touch the used region
+    # Filling an unused region only moves the weak global term; controls may hit the used patch.
+    assert (miss.drop_region < 0.05).all() and (miss.z < 3).all()  # never confirmed
+    assert not hit.controls_overlap.any()
+
+
+def test_region_reliance_is_chunk_invariant_and_matches_a_direct_forward() -> None:
+    corner, _ = _regions()
+    model = _PatchModel(corner)
+    x = _bright_images(5)
+    masks = corner.expand(5, -1, -1)
+    one = region_reliance(model, x, masks, n_random=4, fill="mean", generator=torch.Generator().manual_seed(2))
+    chunked = region_reliance(
+        model, x, masks, n_random=4, fill="mean", generator=torch.Generator().manual_seed(2), max_batch=3
+    )
+    torch.testing.assert_close(one.drop_random, chunked.drop_random)
+    torch.testing.assert_close(one.z, chunked.z)
+    # Direct oracle for the region itself: fill with each image's mean colour, forward, compare.
+    filled = torch.where(masks[:, None], x.mean(dim=(2, 3), keepdim=True), x)
+    with torch.no_grad():
+        p = model.eval()(x).softmax(1)[:, 0]
+        p_filled = model(filled).softmax(1)[:, 0]
+    torch.testing.assert_close(one.drop_region, p - p_filled)
+    assert one.targets.tolist() == [0] * 5
+
+
+def test_random_controls_keep_shape_stay_inside_and_avoid_the_region() -> None:
+    masks = torch.zeros(3, 12, 12, dtype=torch.bool)
+    masks[0, :3, :3] = True
+    masks[1, 5:8, 2:9] = True
+    masks[1, 4, 4] = True  # irregular shape
+    masks[2] = True  # covers the image: it is its own control
+    dy, dx, overlap = _random_offsets(masks, 8, torch.Generator().manual_seed(0))
+    shifted = _shift_masks(masks, dy, dx)
+    assert torch.equal(shifted.sum(dim=(2, 3))[:2], masks[:2, None].sum(dim=(2, 3)).expand(2, 8))
+    assert not (shifted[:2] & masks[:2, None]).any()
+    assert overlap.tolist() == [False, False, True]
+    assert torch.equal(shifted[2], masks[2].expand(8, -1, -1))
+    # Distinct positions when there is room.
+    assert all(len(set(zip(dy[i].tolist(), dx[i].tolist()))) == 8 for i in range(2))
+
+
+def test_tiny_region_reliance_through_top_region() -> None:
+    corner, _ = _regions()
+    model = _PatchModel(corner)
+    maps = torch.zeros(6, 4, 4)
+    maps[:, 0, 0] = 1.0  # explanations point at the corner cell of a 4x4 CAM
+    region = top_region(maps, fraction=1 / 16, size=(16, 16))
+    assert region.sum(dim=(1, 2)).tolist() == [16] * 6
+    res = region_reliance(model, _bright_images(), region, fill="zero")
+    assert (res.z > 10).all()
+
+
+def test_top_region_counts_and_breaks_ties_by_raster_order() -> None:
+    maps = torch.zeros(2, 32, 32)
+    maps[0] = torch.arange(1024, dtype=torch.float32).view(32, 32)
+    maps[1] = 1.0  # all tied
+    region = top_region(maps, fraction=0.05)
+    assert region.sum(dim=(1, 2)).tolist() == [52, 52]  # ceil(0.05 * 1024)
+    assert region[0].flatten()[-52:].all()
+    assert region[1].flatten()[:52].all()
+    assert not top_region(torch.zeros(1, 4, 4)).any()
+
+
+# ------------------------------------------------------------------------------------------------- rule
+
+
+def _noise(n: int, seed: int, scale: float = 0.02) -> list[float]:
+    return (scale * torch.randn(n, generator=torch.Generator().manual_seed(seed))).tolist()
+
+
+def test_rule_stays_silent_on_pure_noise() -> None:
+    rule = WarningRule()
+    raised = []
+    for t in range(25):
+        obs = []
+        for c in range(4):
+            e0, e1 = _noise(2, 1000 * c + t)
+            obs.append(Observation("border", c, 0.2 + e0, replicate=0.2 + e1))
+            obs.append(Observation("spurious_mass", c, 1.0 + 5 * e0, replicate=1.0 + 5 * e1))
+        raised += rule.update(t, obs)
+    assert raised == []
+
+
+def test_rule_never_alarms_on_drift_alone() -> None:
+    rule = WarningRule()
+    raised = []
+    for t in range(8):
+        raised += rule.update(
+            t,
+            [
+                Observation("border", 0, 0.6 - 0.07 * t, replicate=0.6 - 0.07 * t),  # falling: learning
+                Observation("spurious_mass", 1, 0.5 + 0.12 * t, replicate=0.5 + 0.12 * t),  # rising, rho < 1.5
+                Observation("drift", None, 4.0),  # large map drift in floor units
+            ],
+        )
+    assert raised and {a.kind for a in raised} == {"drift"}
+    assert "informational" in raised[0].message
+
+
+def _rising_border(rule: WarningRule, zs: list[float | None] | None = None) -> list[Alert]:
+    values = [0.10, 0.11, 0.10, 0.18, 0.26, 0.34, 0.35]
+    raised = []
+    for t, v in enumerate(values):
+        z = None if zs is None else zs[t]
+        obs = Observation("border", 7, v, replicate=v + 0.01, sample_indices=(2, 5), drop_region=0.38,
+                          drop_random=0.03, z=z)
+        raised += rule.update(t, [obs])
+    return raised
+
+
+def test_rule_alerts_after_patience_consecutive_rises() -> None:
+    # Floor: sigma = sqrt(0.01^2 / 2) ~ 0.007 < min_sigma 0.01, so sigma = 0.01: each +0.08 is 8 units.
+    raised = _rising_border(WarningRule(patience=2))
+    assert [(a.epoch, a.kind, a.class_index) for a in raised] == [(4, "border", 7)]
+    alert = raised[0]
+    assert alert.score == pytest.approx(0.26) and alert.threshold == pytest.approx(0.10 + 2 * 0.01)
+    assert alert.sample_indices == (2, 5)
+    assert alert.message.startswith("epoch 4: class 7 explanations concentrate on the image border")
+    assert "border mass 0.26, 16.0 noise-floor units above epoch 0" in alert.message
+    assert "drops p(class) by 0.38 vs 0.03 for random regions of equal area" in alert.message
+    assert "\n" not in alert.message
+    assert [a.epoch for a in _rising_border(WarningRule(patience=3))] == [5]
+
+
+def test_rule_needs_confirmation_when_supplied_and_stays_pending() -> None:
+    assert _rising_border(WarningRule(), zs=[1.0] * 7) == []
+    # Confirmation arrives one evaluation after the rises stop: the level is still abnormal, so it raises.
+    late = _rising_border(WarningRule(), zs=[1.0] * 6 + [4.5])
+    assert [a.epoch for a in late] == [6]
+    assert "(reliance z 4.5 >= 3)" in late[0].message
+
+
+def test_rule_alerts_once_per_episode_and_rearms() -> None:
+    rule = WarningRule()
+    values = [0.1, 0.1, 0.2, 0.3, 0.4, 0.5, 0.1, 0.1, 0.2, 0.3]
+    epochs = [a.epoch for t, v in enumerate(values) for a in rule.update(t, [Observation("border", 0, v)])]
+    assert epochs == [3, 9]  # silent while high; re-armed when back to normal at epoch 6
+
+
+def test_rule_spurious_mass_level_and_cluster_flags() -> None:
+    rule = WarningRule()
+    rhos = [1.0, 1.3, 1.6, 1.9]
+    raised = [a for t, r in enumerate(rhos) for a in rule.update(t, [Observation("spurious_mass", 3, r)])]
+    assert [(a.epoch, a.score, a.threshold) for a in raised] == [(2, 1.6, 1.5)]
+    flag = Observation("cluster", 2, 0.21, flagged=True, detail="isolated cluster of 18 maps")
+    assert WarningRule().update(0, [Observation("cluster", 2, 0.21, flagged=True, z=1.0)]) == []
+    (alert,) = WarningRule().update(0, [flag])
+    assert alert.kind == "cluster" and "isolated cluster of 18 maps" in alert.message
+
+
+def test_rule_state_dict_round_trip_continues_identically() -> None:
+    def stream(t: int) -> list[Observation]:
+        e0, e1 = _noise(2, t, 0.005)
+        v = 0.1 + max(0, t - 3) * 0.05
+        return [
+            Observation("border", 1, v + e0, replicate=v + e1, z=4.0),
+            Observation("drift", None, 2.5 + e0),
+        ]
+
+    whole = WarningRule()
+    expected = [a.to_dict() for t in range(10) for a in whole.update(t, stream(t))]
+    first = WarningRule()
+    got = [a.to_dict() for t in range(5) for a in first.update(t, stream(t))]
+    state = json.loads(json.dumps(first.state_dict()))  # plain Python types only
+    resumed = WarningRule()
+    resumed.load_state_dict(state)
+    got += [a.to_dict() for t in range(5, 10) for a in resumed.update(t, stream(t))]
+    assert got == expected and {a["kind"] for a in expected} == {"border", "drift"}
+    assert resumed.state_dict() == whole.state_dict()
+    with pytest.raises(ValueError, match="state_dict"):
+        WarningRule().load_state_dict({"series": {}})
+
+
+def test_alert_is_public_and_converts_to_plain_dict() -> None:
+    assert lightning_xcam.Alert is Alert
+    alert = Alert(torch.tensor(3), "border", torch.tensor(0.41), 0.2, torch.tensor(7), torch.tensor([1, 4]), "m")
+    as_dict = alert.to_dict()
+    assert as_dict == {
+        "epoch": 3, "kind": "border", "score": pytest.approx(0.41), "threshold": 0.2,
+        "class_index": 7, "sample_indices": [1, 4], "message": "m",
+    }
+    assert json.loads(json.dumps(as_dict))["sample_indices"] == [1, 4]
+    assert Alert.from_dict(as_dict) == alert
+    with pytest.raises(ValueError, match="kind"):
+        Alert(0, "colour", 0.0, 0.0, None, (), "")
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    with pytest.raises(TypeError, match="maps"):
+        border_mass([[0.0]])
+    with pytest.raises(ValueError, match="band"):
+        border_mass(torch.ones(1, 4, 4), band=0.7)
+    with pytest.raises(ValueError, match="masks"):
+        area_ratio(torch.ones(2, 4, 4), torch.ones(3, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="n_random"):
+        region_reliance(nn.Flatten(), torch.ones(1, 1, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool), n_random=1)
+    with pytest.raises(ValueError, match="region_masks"):
+        region_reliance(nn.Flatten(), torch.ones(1, 1, 4, 4), torch.ones(1, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="value"):
+        Observation("border", 0, float("nan"))
+    with pytest.raises(ValueError, match="two observations"):
+        WarningRule().update(0, [Observation("border", 0, 0.1), Observation("border", 0, 0.2)])
+
+
+# ------------------------------------------------------------------------------------------- decoy data
+
+
+def test_add_decoy_tags_puts_the_class_coded_patch_where_the_mask_says(digits: tuple[Tensor, Tensor]) -> None:
+    images, labels = digits[0][:200], digits[1][:200]
+    tagged, masks = add_decoy_tags(images, labels, size=3, generator=torch.Generator().manual_seed(0))
+    low, high = images.min(), images.max()
+    expected = low + (high - low) * (1 - labels.float() / 10)
+    assert masks.sum(dim=(1, 2)).eq(9).all()
+    patch = tagged[:, 0][masks].view(200, 9)
+    torch.testing.assert_close(patch, expected[:, None].expand(200, 9))
+    assert torch.equal(tagged[:, 0][~masks], images[:, 0][~masks])  # nothing else changes
+    # Corner placement: every patch touches two image borders.
+    rows, cols = masks.any(dim=2), masks.any(dim=1)
+    assert ((rows[:, 0] | rows[:, -1]) & (cols[:, 0] | cols[:, -1])).all()
+    # Same seed, correlation 0: same positions, codes no longer follow labels.
+    shuffled, masks0 = add_decoy_tags(images, labels, correlation=0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(masks0, masks)
+    codes = torch.round((1 - (shuffled[:, 0][masks0].view(200, 9)[:, 0] - low) / (high - low)) * 10).long()
+    assert 0.02 < (codes == labels).float().mean() < 0.3
+
+
+def test_decoy_tags_plant_a_detectable_area_ratio_on_lfw() -> None:
+    images, labels = load_lfw_tensors()
+    assert images.shape == (200, 1, 25, 25) and labels[:100].eq(1).all() and labels[100:].eq(0).all()
+    tagged, masks = add_decoy_tags(images, labels, position="random", num_classes=2, contrast=0.5)
+    assert masks.sum(dim=(1, 2)).eq(9).all()
+    # An "explanation" equal to the image's deviation from the patch-free mean puts mass on the tag.
+    deviation = (tagged[:, 0] - images[:, 0]).abs()
+    torch.testing.assert_close(area_ratio(deviation, masks), torch.full((200,), 625 / 9))
