@@ -54,7 +54,7 @@ _FLOOR_MIN = 1e-6
 
 def _check_pair(p: object, q: object) -> tuple[Tensor, Tensor]:
     """Check two map batches of equal shape ``[B, h, w]`` and return them as unit-mass float tensors."""
-    for name, value in (("P", p), ("Q", q)):
+    for name, value in (("p", p), ("q", q)):
         if not isinstance(value, Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor of shape [B, h, w], got {type(value).__name__}.")
         if value.ndim != 3:
@@ -62,7 +62,7 @@ def _check_pair(p: object, q: object) -> tuple[Tensor, Tensor]:
     assert isinstance(p, Tensor) and isinstance(q, Tensor)
     if p.shape != q.shape:
         raise ValueError(
-            f"`P` and `Q` must have the same shape (paired by item), got {tuple(p.shape)} and {tuple(q.shape)}."
+            f"`p` and `q` must have the same shape (paired by item), got {tuple(p.shape)} and {tuple(q.shape)}."
         )
     dtype = p.dtype if p.is_floating_point() else torch.float32
     return unit_mass(p.to(dtype)), unit_mass(q.to(dtype))

@@ -175,7 +175,7 @@ def test_drift_maps_pool_and_normalise() -> None:
 def test_bad_input_errors() -> None:
     with pytest.raises(ValueError, match="same shape"):
         drift_statistics(torch.rand(2, 16, 16), torch.rand(3, 16, 16))
-    with pytest.raises(TypeError, match="`P`"):
+    with pytest.raises(TypeError, match="`p`"):
         spearman_distance([[0.0]], torch.rand(1, 4, 4))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least 7"):
         ssim_distance(torch.rand(1, 5, 5), torch.rand(1, 5, 5))
