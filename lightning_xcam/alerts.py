@@ -872,7 +872,8 @@ class Observation:
         sample_indices: Probe items that show the signal.
         drop_region: Interventional check: mean ``Δp_R`` (see :func:`region_reliance`), or ``None``.
         drop_random: Mean ``Δp`` of the equal-area random controls, or ``None``.
-        z: Mean reliance ``z``; when given, an alert needs ``z >= confirm_z``. ``None``: no check run.
+        z: Mean reliance ``z``; when given, an alert needs ``z >= confirm_z`` (and, with the drops, a gap of
+            at least ``min_drop``). ``None``: no check run.
         flagged: A SpRAy flag is up for this class (kind ``"cluster"``): warns without a rise.
         detail: Extra words for the message (e.g. the flag's reasons).
     """
@@ -931,9 +932,10 @@ class WarningRule:
       (``intervention``), else ``S_t`` above its first-evaluation value by more than ``z_rise`` σ̂
       (``border``, ``cluster``);
     * a pending signal raises an :class:`Alert` when its interventional check (if supplied, ``z``)
-      reaches ``confirm_z``; it stays pending while the level stays abnormal, so a check that confirms
-      one evaluation later still raises. A ``cluster`` observation with ``flagged=True`` (a SpRAy flag)
-      raises without a rise, subject to the same check.
+      reaches ``confirm_z`` and, when the drops are supplied too, ``drop_region − drop_random >= min_drop``
+      (z alone is ill-conditioned when the model is unsure and every drop is ~0); it stays pending while
+      the level stays abnormal, so a check that confirms one evaluation later still raises. A ``cluster``
+      observation with ``flagged=True`` (a SpRAy flag) raises without a rise, subject to the same check.
     * **One alert per episode**: after raising, a (kind, class) is disarmed; it re-arms at the first
       evaluation whose level is normal again (and, for clusters, not flagged).
 
@@ -946,6 +948,7 @@ class WarningRule:
         patience: Consecutive rising evaluations required.
         level: Abnormal ρ for ``spurious_mass``.
         confirm_z: Reliance z that confirms (and abnormal level for ``intervention``).
+        min_drop: Smallest confirming gap ``drop_region − drop_random`` in probability.
         floor_window: Evaluations in the floor estimate.
         min_sigma: Lower bound of σ̂, in the signal's units.
         cusum_slack: CUSUM allowance ``k`` (§5.5).
@@ -965,12 +968,13 @@ class WarningRule:
         patience: int = 2,
         level: float = 1.5,
         confirm_z: float = 3.0,
+        min_drop: float = 0.05,
         floor_window: int = 5,
         min_sigma: float = 1e-2,
         cusum_slack: float = 0.5,
         cusum_limit: float = 5.0,
     ) -> None:
-        for name, value in (("z_rise", z_rise), ("level", level), ("confirm_z", confirm_z),
+        for name, value in (("z_rise", z_rise), ("level", level), ("confirm_z", confirm_z), ("min_drop", min_drop),
                             ("min_sigma", min_sigma), ("cusum_slack", cusum_slack), ("cusum_limit", cusum_limit)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
@@ -983,6 +987,7 @@ class WarningRule:
         self.patience = patience
         self.level = float(level)
         self.confirm_z = float(confirm_z)
+        self.min_drop = float(min_drop)
         self.floor_window = floor_window
         self.min_sigma = float(min_sigma)
         self.cusum_slack = float(cusum_slack)
@@ -1035,6 +1040,8 @@ class WarningRule:
         elif series.streak >= self.patience:
             series.pending = True
         confirmed = obs.z is None or obs.z >= self.confirm_z
+        if obs.z is not None and obs.drop_region is not None and obs.drop_random is not None:
+            confirmed = confirmed and obs.drop_region - obs.drop_random >= self.min_drop
         if not (series.armed and confirmed and (series.pending or obs.flagged)):
             return None
         series.armed = False
