@@ -1,0 +1,696 @@
+r"""
+Explanation monitor
+===================
+
+Explain a fixed probe set every few epochs, score and store the explanations, and log them to TensorBoard,
+without changing a single bit of training. The maths lives in :mod:`lightning_xcam.methods`,
+:mod:`lightning_xcam.metrics`, :mod:`lightning_xcam.drift` and :mod:`lightning_xcam.alerts`; this module
+only decides when to run, which data to use and where results go.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor
+from torch.utils.data import Dataset
+from typing_extensions import override
+
+from lightning_xcam import drift as drift_stats
+from lightning_xcam import metrics as xm
+from lightning_xcam.alerts import Alert, Observation, WarningRule, area_ratio, border_mass, region_reliance, top_region
+from lightning_xcam.maps import degenerate, unit_mass, upsample
+from lightning_xcam.methods._guard import explanation_context, fresh_input
+from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM, IntegratedGradCAM, _LayerProbe
+from lightning_xcam.methods.gad import GAD
+from lightning_xcam.methods.layers import resolve_layer
+from lightning_xcam.render import explanation_panel
+from lightning_xcam.store import ExplanationStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExplanationMonitor"]
+
+Method = Literal["expected_gradcam", "gad", "gradcam", "integrated_gradcam"]
+MetricName = Literal[
+    "insertion", "deletion", "infidelity", "max_sensitivity", "average_drop", "sparseness", "entropy"
+]
+METHODS: tuple[str, ...] = ("expected_gradcam", "gad", "gradcam", "integrated_gradcam")
+METRICS: tuple[str, ...] = (
+    "insertion", "deletion", "infidelity", "max_sensitivity", "average_drop", "sparseness", "entropy"
+)
+# Logged names: direction is part of the name's documentation (README "What the scalars mean").
+_METRIC_TAGS = {
+    "insertion": "insertion_auc",
+    "deletion": "deletion_auc",
+    "infidelity": "infidelity",
+    "max_sensitivity": "max_sensitivity",
+    "average_drop": "average_drop",
+    "sparseness": "sparseness",
+    "entropy": "entropy",
+}
+_DETERMINISTIC = {"gradcam", "integrated_gradcam"}
+_STATE_VERSION = 1
+# Colour scale of logged heatmaps: a cell's share of the map's mass relative to a uniform map; full colour
+# at this many times the uniform share. Comparable across epochs and samples whatever the raw scale.
+_DISPLAY_CONCENTRATION = 4.0
+
+
+class ExplanationMonitor(Callback):
+    r"""Explain a fixed probe set during ``fit``; score, store and log the explanations; warn on shortcuts.
+
+    Every ``every_n_epochs`` epochs, at the end of the epoch's validation (or of the training epoch when
+    no validation ran), the monitor explains the probe set with each method, scores the maps, measures
+    their drift against the previous and the first evaluation in units of the explainer's own noise floor
+    (two random streams at the same epoch), logs scalars under ``xcam/<method>/<name>`` through
+    ``pl_module.log`` (so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them), heatmap panels
+    (image | map | overlay) to every ``TensorBoardLogger``, and writes everything to an SQLite store.
+
+    Training is untouched: explanations run in eval mode with every flag, ``.grad``, buffer, hook and RNG
+    state restored; randomness comes from the monitor's own generators; gradients are taken with
+    ``torch.autograd.grad`` only.
+
+    Cost per evaluation (``N = n_samples``, ``P`` probe items): Expected Grad-CAM ``≈ (N + 1)·P`` forward
+    passes plus the reference bank; GAD the same plus a warm refit of ``k`` small support tails;
+    insertion + deletion ``2·(steps + 1)·P`` forwards; infidelity ``(n_perturb + 1)·P``; max-sensitivity
+    ``sensitivity_samples`` explanations of ``P`` items, so it runs only on every
+    ``sensitivity_every``-th evaluation.
+
+    Args:
+        target_layer: Dotted name of the CAM layer inside the LightningModule; ``None`` detects the last
+            module with a spatial output.
+        probe: A dataset of ``(x, y)`` or ``(x, y, mask)`` items to explain; ``None`` draws ``num_probe``
+            items once from the validation dataset (else the training dataset) with the monitor's seed.
+        num_probe: Probe size when drawn.
+        every_n_epochs: Run every this many epochs (at epochs ``n−1, 2n−1, …``).
+        methods: Explainers to run: ``"expected_gradcam"``, ``"gad"``, ``"gradcam"``, ``"integrated_gradcam"``.
+        metrics: Scores to compute: ``"insertion"``, ``"deletion"``, ``"infidelity"``, ``"max_sensitivity"``,
+            ``"average_drop"``, ``"sparseness"``, ``"entropy"``.
+        log_images: Probe items whose heatmap panels are logged (0 = none).
+        store: ``None`` = ``<log_dir>/xcam.sqlite``; a path; or ``False`` for no store.
+        on_alert: ``"warn"`` or ``"stop"`` (stop training through Lightning, agreed across ranks).
+        seed: Seed of every random draw the monitor makes.
+        n_samples: Expected Grad-CAM path samples per image.
+        noise_std: Expected Grad-CAM input noise, model-input units.
+        num_references: Reference images drawn from the training data (disjoint from the probe).
+        num_fit: GAD fit-set size drawn from the training data (disjoint from the probe).
+        floor_size: Probe items re-explained on a second random stream to measure the noise floor.
+        sensitivity_every: Max-sensitivity runs on every this-many-th evaluation (it is the dearest metric).
+        steps: Insertion/deletion steps.
+        n_perturb: Infidelity perturbations per item.
+        batch_size: Most inputs per forward pass inside the monitor (memory budget).
+        spurious_masks: Optional ``[P, H, W]`` masks of a suspected shortcut region for the probe items
+            (also read from probe items ``(x, y, mask)``).
+        alert_patience: Consecutive evaluations a shortcut signal must rise before an alert.
+
+    Raises:
+        MisconfigurationException: On invalid arguments (at construction), an unknown or non-spatial
+            layer, an empty probe or a probe larger than the dataset (before the first training batch).
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_xcam import ExplanationMonitor
+
+        trainer = Trainer(callbacks=[ExplanationMonitor(target_layer="net.layer4", every_n_epochs=2)])
+    """
+
+    def __init__(
+        self,
+        target_layer: str | None = None,
+        probe: Dataset | None = None,
+        num_probe: int = 32,
+        every_n_epochs: int = 1,
+        methods: Sequence[Method] = ("expected_gradcam", "gad"),
+        metrics: Sequence[MetricName] = ("insertion", "deletion", "infidelity", "max_sensitivity"),
+        log_images: int = 8,
+        store: str | bool | None = None,
+        on_alert: Literal["warn", "stop"] = "warn",
+        seed: int = 0,
+        n_samples: int = 16,
+        noise_std: float = 0.15,
+        num_references: int = 64,
+        num_fit: int = 512,
+        floor_size: int = 8,
+        sensitivity_every: int = 4,
+        steps: int = 20,
+        n_perturb: int = 10,
+        batch_size: int | None = 256,
+        spurious_masks: Tensor | None = None,
+        alert_patience: int = 2,
+    ) -> None:
+        super().__init__()
+        _check_int("num_probe", num_probe, 1)
+        _check_int("every_n_epochs", every_n_epochs, 1)
+        _check_int("log_images", log_images, 0)
+        _check_int("n_samples", n_samples, 1)
+        _check_int("num_references", num_references, 1)
+        _check_int("num_fit", num_fit, 2)
+        _check_int("floor_size", floor_size, 0)
+        _check_int("sensitivity_every", sensitivity_every, 1)
+        _check_int("steps", steps, 1)
+        _check_int("n_perturb", n_perturb, 1)
+        _check_int("alert_patience", alert_patience, 1)
+        if batch_size is not None:
+            _check_int("batch_size", batch_size, 1)
+        methods, metrics = tuple(methods), tuple(metrics)
+        _check_names("methods", methods, METHODS)
+        _check_names("metrics", metrics, METRICS)
+        if on_alert not in ("warn", "stop"):
+            raise MisconfigurationException(f"`on_alert` must be 'warn' or 'stop', got {on_alert!r}.")
+        if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0):
+            raise MisconfigurationException(f"`noise_std` must be a finite float >= 0, got {noise_std!r}.")
+        if store is True:
+            store = None
+        if not (store is None or store is False or isinstance(store, (str, Path))):
+            raise MisconfigurationException(f"`store` must be None, a path or False, got {type(store).__name__}.")
+        if probe is not None and not hasattr(probe, "__getitem__"):
+            raise MisconfigurationException(f"`probe` must be a Dataset of (x, y[, mask]) items, got {type(probe).__name__}.")
+        self.target_layer = target_layer
+        self.probe = probe
+        self.num_probe = num_probe
+        self.every_n_epochs = every_n_epochs
+        self.methods = methods
+        self.metrics = metrics
+        self.log_images = log_images
+        self.store_path = store
+        self.on_alert = on_alert
+        self.seed = seed
+        self.n_samples = n_samples
+        self.noise_std = float(noise_std)
+        self.num_references = num_references
+        self.num_fit = num_fit
+        self.floor_size = floor_size
+        self.sensitivity_every = sensitivity_every
+        self.steps = steps
+        self.n_perturb = n_perturb
+        self.batch_size = batch_size
+        self.spurious_masks = spurious_masks
+        self.history: list[dict[str, Any]] = []
+        self.alerts: list[Alert] = []
+        self.shortcuts = WarningRule(patience=alert_patience)
+        self.run_id: str | None = None
+        self.stopped_epoch = -1
+        self._data: _ProbeData | None = None
+        self._explainers: dict[str, Any] = {}
+        self._first: dict[str, Tensor] = {}
+        self._previous: dict[str, Tensor] = {}
+        self._last_run_epoch = -1
+        self._store: ExplanationStore | None = None
+        self._warned_images = False
+
+    # ---------------------------------------------------------------------------------------------------
+    # Lightning plumbing
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            target_layer=self.target_layer, every_n_epochs=self.every_n_epochs, num_probe=self.num_probe
+        )
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        name = type(trainer.strategy).__name__
+        if any(word in name for word in ("FSDP", "DeepSpeed")):
+            raise MisconfigurationException(
+                f"ExplanationMonitor supports single-device and DDP training, not {name}: every forward there is "
+                "a collective. Remove the monitor or train with `strategy='ddp'`."
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.target_layer is not None:
+            try:
+                resolve_layer(pl_module, self.target_layer)
+            except (ValueError, TypeError) as err:
+                raise MisconfigurationException(str(err)) from err
+        if self.log_images and not any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
+            rank_zero_warn(
+                "ExplanationMonitor: no TensorBoardLogger in `trainer.loggers`; scalars are still logged, "
+                "heatmap images are not.",
+                category=UserWarning,
+            )
+            self._warned_images = True
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._data is None:
+            self._data = _ProbeData.draw(self, trainer, pl_module)
+            self._check_layer(pl_module)
+        if self.run_id is None:
+            # the default store lives in the run's own log dir; a shared store path keeps runs apart by name
+            self.run_id = "default" if self.store_path is None else _run_name(trainer)
+        if self.store_path is not False and trainer.is_global_zero and self._store is None:
+            self._store = ExplanationStore(self._resolve_store_path(trainer), run=self.run_id)
+            self._store.write_config(self._config())
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._due(trainer) and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._evaluate(trainer, pl_module, in_train_hook=False)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._due(trainer):
+            self._evaluate(trainer, pl_module, in_train_hook=True)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.on_fit_end(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "run_id": self.run_id,
+            "history": self.history,
+            "alerts": [a.to_dict() for a in self.alerts],
+            "shortcuts": self.shortcuts.state_dict(),
+            "first_maps": {k: v.cpu() for k, v in self._first.items()},
+            "previous_maps": {k: v.cpu() for k, v in self._previous.items()},
+            "last_run_epoch": self._last_run_epoch,
+            "stopped_epoch": self.stopped_epoch,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.run_id = state_dict["run_id"]
+        self.history = list(state_dict["history"])
+        self.alerts = [Alert.from_dict(a) for a in state_dict["alerts"]]
+        self.shortcuts.load_state_dict(state_dict["shortcuts"])
+        self._first = dict(state_dict["first_maps"])
+        self._previous = dict(state_dict["previous_maps"])
+        self._last_run_epoch = state_dict["last_run_epoch"]
+        self.stopped_epoch = state_dict["stopped_epoch"]
+
+    def _check_layer(self, pl_module: pl.LightningModule) -> None:
+        """Resolve (or detect) the CAM layer on a real probe item; fail before the first training batch."""
+        assert self._data is not None
+        with explanation_context(pl_module):
+            x = fresh_input(self._data.x[:1], pl_module.device)
+            try:
+                name, layer = resolve_layer(pl_module, self.target_layer, x)
+                _LayerProbe(pl_module, [layer]).activations(x)
+            except (ValueError, TypeError) as err:
+                raise MisconfigurationException(f"ExplanationMonitor: {err}") from err
+        self.target_layer = name
+
+    # ---------------------------------------------------------------------------------------------------
+    # When
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        return (
+            trainer.state.fn == "fit"
+            and not trainer.sanity_checking
+            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+            and trainer.current_epoch != self._last_run_epoch
+        )
+
+    # ---------------------------------------------------------------------------------------------------
+    # One evaluation
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_train_hook: bool) -> None:
+        assert self._data is not None, "on_train_start draws the probe before the first evaluation"
+        started = time.perf_counter()
+        epoch = trainer.current_epoch
+        self._last_run_epoch = epoch
+        evaluation = len(self.history)
+        minimal = bool(trainer.fast_dev_run)
+        data = self._data.shard(trainer, pl_module, limit=2 if minimal else None)
+        per_sample: dict[str, dict[str, Tensor]] = {}
+        maps_by_method: dict[str, Tensor] = {}
+        floors: dict[str, tuple[Tensor, Tensor]] = {}
+        rank_zero_info(f"xcam: explaining {data.total} probe items at epoch {epoch} with {', '.join(self.methods)}")
+        for method in self.methods:
+            explainer = self._explainer(method, pl_module)
+            maps = explainer(data.x, data.targets, sample_ids=data.ids)
+            values = self._scores(method, explainer, pl_module, data, maps, evaluation, minimal)
+            if method not in _DETERMINISTIC and data.floor:
+                # the noise-floor replicate: the first items of every shard again, on random stream 1
+                replicate = torch.zeros_like(maps)
+                replicate[: data.floor] = explainer(data.x[: data.floor], data.targets[: data.floor],
+                                                    sample_ids=data.ids[: data.floor], stream=1)
+                flag = torch.arange(maps.shape[0], device=maps.device) < data.floor
+                values = {**values, "floor_maps": replicate, "floor_flag": flag.float()}
+            gathered = data.gather(trainer, {"maps": maps, **values})
+            maps_by_method[method] = gathered.pop("maps")
+            if "floor_maps" in gathered:
+                flag = gathered.pop("floor_flag").bool()
+                floors[method] = (gathered.pop("floor_maps"), flag)
+            per_sample[method] = gathered
+        summaries, drift_rows, small_maps = self._drift(maps_by_method, floors, self._data.ids[: data.total])
+        for method, values in per_sample.items():
+            for name, value in values.items():
+                finite = value[torch.isfinite(value)]
+                if finite.numel():
+                    summaries[f"xcam/{method}/{name}"] = float(finite.mean())
+            summaries[f"xcam/{method}/degenerate"] = float(degenerate(maps_by_method[method]).sum())
+        new_alerts = self._check_shortcuts(pl_module, epoch, data.total, maps_by_method, floors)
+        summaries["xcam/alert"] = float(bool(new_alerts))
+        summaries["xcam/time_s"] = time.perf_counter() - started
+        for tag, value in summaries.items():
+            pl_module.log(tag, value, on_step=False, on_epoch=True, logger=True, sync_dist=False)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped - int(in_train_hook)
+        if trainer.is_global_zero:
+            self._log_images(trainer, maps_by_method, step, new_alerts)
+            if self._store is not None:
+                self._store.write_evaluation(
+                    epoch, self._data.ids[: data.total].tolist(), step=step, time_s=summaries["xcam/time_s"],
+                    metrics=per_sample, drift=drift_rows, summaries=summaries, maps=small_maps, alerts=new_alerts,
+                )
+        self.history.append({"epoch": epoch, "step": step, **summaries})
+        self._maybe_stop(trainer, new_alerts)
+
+    def _explainer(self, method: str, pl_module: pl.LightningModule) -> Any:
+        if method not in self._explainers:
+            self._explainers[method] = self._build(method, pl_module, self.target_layer)
+        explainer = self._explainers[method]
+        if isinstance(explainer, GAD):
+            explainer.fit(self._data.fit.to(pl_module.device))  # warm start after the first evaluation
+        return explainer
+
+    def _build(self, method: str, pl_module: pl.LightningModule, layer: str) -> Any:
+        assert self._data is not None
+        references = self._data.references.to(pl_module.device)
+        egc = dict(references=references, n_samples=self.n_samples, noise_std=self.noise_std,
+                   batch_size=self.batch_size, seed=self.seed)
+        if method == "expected_gradcam":
+            return ExpectedGradCAM(pl_module, layer, **egc)
+        if method == "gad":
+            return GAD(pl_module, layer, base=ExpectedGradCAM(pl_module, layer, **egc), seed=self.seed)
+        if method == "gradcam":
+            return GradCAM(pl_module, layer, batch_size=self.batch_size)
+        return IntegratedGradCAM(pl_module, layer, steps=self.n_samples, batch_size=self.batch_size)
+
+    def _scores(
+        self, method: str, explainer: Any, pl_module: pl.LightningModule, data: _Shard, maps: Tensor,
+        evaluation: int, minimal: bool,
+    ) -> dict[str, Tensor]:
+        model, x, c, ids = pl_module, data.x, data.targets, data.ids
+        steps = 4 if minimal else self.steps
+        values: dict[str, Tensor] = {}
+        for name in self.metrics:
+            if name == "insertion":
+                values["insertion_auc"] = xm.insertion_auc(model, x, maps, c, steps=steps, max_batch=self.batch_size)
+            elif name == "deletion":
+                values["deletion_auc"] = xm.deletion_auc(model, x, maps, c, steps=steps, max_batch=self.batch_size)
+            elif name == "infidelity":
+                values["infidelity"] = xm.infidelity(model, x, maps, c, n_perturb=self.n_perturb, seed=self.seed,
+                                                     sample_ids=ids, max_batch=self.batch_size)
+            elif name == "max_sensitivity":
+                if evaluation % self.sensitivity_every == 0:
+                    values["max_sensitivity"] = xm.max_sensitivity(
+                        explainer, x, c, n_samples=2 if minimal else 5, seed=self.seed, sample_ids=ids,
+                        model=model, max_batch=self.batch_size,
+                    )
+            elif name == "average_drop":
+                values["average_drop"] = xm.average_drop(model, x, maps, c, max_batch=self.batch_size)
+            elif name == "sparseness":
+                values["sparseness"] = xm.sparseness(maps)
+            else:
+                values["entropy"] = xm.entropy(maps, normalized=True)
+        if "insertion_auc" in values and "deletion_auc" in values:
+            values["insertion_minus_deletion"] = values["insertion_auc"] - values["deletion_auc"]
+        return {k: v.detach().float() for k, v in values.items()}
+
+    def _drift(
+        self, maps_by_method: dict[str, Tensor], floors: dict[str, tuple[Tensor, Tensor]], ids: Tensor
+    ) -> tuple[dict[str, float], dict[str, Any], dict[str, Tensor]]:
+        """Drift of every method against the previous and the first evaluation, raw and in floor units."""
+        summaries: dict[str, float] = {}
+        rows: dict[str, Any] = {}
+        small: dict[str, Tensor] = {}
+        for method, maps in maps_by_method.items():
+            current = drift_stats.drift_maps(maps.cpu())
+            small[method] = current
+            rows[method] = {}
+            floor = None
+            if method in floors:
+                replicate, flag = floors[method]
+                stats = drift_stats.drift_statistics(current[flag], drift_stats.drift_maps(replicate[flag]))
+                floor = drift_stats.noise_floor(stats["spearman"], stats["valid"])
+                floor_ids = ids[flag].tolist()
+                rows[method]["floor"] = {k: dict(zip(floor_ids, v.tolist())) for k, v in stats.items()}
+                summaries[f"xcam/{method}/noise_floor"] = floor
+            for reference, earlier in (("previous", self._previous.get(method)), ("first", self._first.get(method))):
+                if earlier is None or earlier.shape != current.shape:
+                    continue
+                stats = drift_stats.drift_statistics(earlier, current)
+                rows[method][reference] = stats
+                for stat in ("spearman", "js"):
+                    summary = drift_stats.summarize(stats[stat], stats["valid"])
+                    summaries[f"xcam/{method}/drift_{stat}" + ("" if reference == "previous" else "_first")] = summary["median"]
+                if floor is not None:
+                    units = drift_stats.in_floor_units(stats["spearman"], floor)
+                    key = "drift_floor_units" + ("" if reference == "previous" else "_first")
+                    summaries[f"xcam/{method}/{key}"] = drift_stats.summarize(units, stats["valid"])["median"]
+            self._previous[method] = current
+            self._first.setdefault(method, current)
+        return summaries, rows, small
+
+    def _check_shortcuts(
+        self, pl_module: pl.LightningModule, epoch: int, total: int,
+        maps_by_method: dict[str, Tensor], floors: dict[str, tuple[Tensor, Tensor]],
+    ) -> list[Alert]:
+        """Shortcut signals of this evaluation (ALGORITHMS.md §6) fed to the warning rule.
+
+        Signals on the first stochastic method's maps: border mass (overall and per class) and, with
+        masks, the area-normalised spurious mass ρ; each carries the interventional check of the region
+        its maps point at (the top 5 % of the map, or the mask), whose z must confirm before an alert.
+        """
+        assert self._data is not None
+        method = next((m for m in self.methods if m in floors), self.methods[0])
+        maps = maps_by_method[method]
+        x, targets, ids = self._data.x[:total], self._data.targets[:total], self._data.ids[:total]
+        masks = None if self._data.masks is None else self._data.masks[:total]
+        device = pl_module.device
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        size = (x.shape[-2], x.shape[-1])
+
+        def check(region: Tensor) -> Any:
+            return region_reliance(pl_module, x.to(device), region.to(device), targets.to(device),
+                                   generator=generator, max_batch=self.batch_size)
+
+        border = border_mass(maps)
+        replicate_shift = 0.0
+        if method in floors:
+            replicate, flag = floors[method]
+            replicate_shift = float(border_mass(replicate[flag]).mean() - border[flag].mean())
+        top = check(top_region(maps, 0.05, size))
+        observations = []
+        for class_index in [None, *sorted(set(targets.tolist()))]:
+            rows = torch.ones_like(targets, dtype=torch.bool) if class_index is None else targets == class_index
+            confirm = dict(z=float(top.z.cpu()[rows].mean()), drop_region=float(top.drop_region.cpu()[rows].mean()),
+                           drop_random=float(top.drop_random.cpu()[rows].mean()))
+            value = float(border[rows].mean())
+            observations.append(Observation("border", class_index, value, value + replicate_shift,
+                                            tuple(ids[rows].tolist()), **confirm))
+            if masks is not None:
+                rho = area_ratio(upsample(maps, size), masks)
+                masked = check(masks)
+                observations.append(Observation(
+                    "spurious_mass", class_index, float(rho[rows].mean()), None, tuple(ids[rows].tolist()),
+                    z=float(masked.z.cpu()[rows].mean()), drop_region=float(masked.drop_region.cpu()[rows].mean()),
+                    drop_random=float(masked.drop_random.cpu()[rows].mean()),
+                ))
+        alerts = self.shortcuts.update(epoch, observations)
+        for alert in alerts:
+            rank_zero_warn(f"ExplanationMonitor: {alert.message}", category=UserWarning)
+        self.alerts.extend(alerts)
+        return alerts
+
+    def _maybe_stop(self, trainer: pl.Trainer, new_alerts: list[Alert]) -> None:
+        if self.on_alert != "stop" or trainer.fast_dev_run:
+            return
+        decision = trainer.strategy.reduce_boolean_decision(bool(new_alerts), all=False)
+        if decision and not trainer.should_stop:
+            self.stopped_epoch = trainer.current_epoch
+            rank_zero_info(f"ExplanationMonitor: stopping at epoch {self.stopped_epoch} after a shortcut alert.")
+        trainer.should_stop = trainer.should_stop or decision
+
+    # ---------------------------------------------------------------------------------------------------
+    # Where results go
+
+    def _log_images(self, trainer: pl.Trainer, maps_by_method: dict[str, Tensor], step: int, alerts: list[Alert]) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers or self._data is None:
+            return
+        count = min(self.log_images, self._data.x.shape[0])
+        images = self._data.x[:count]
+        for method, maps in maps_by_method.items():
+            if not count:
+                break
+            shown = unit_mass(maps[:count].cpu().float()) * maps.shape[-2] * maps.shape[-1]
+            panels = explanation_panel(images, shown, vmax=_DISPLAY_CONCENTRATION)
+            for logger in loggers:
+                for i, panel in enumerate(panels):
+                    tag = f"xcam_images/{method}/probe_{int(self._data.ids[i]):03d}"
+                    logger.experiment.add_image(tag, panel, global_step=step)
+        for logger in loggers:
+            for alert in alerts:
+                logger.experiment.add_text(f"xcam_alerts/{alert.kind}", _alert_markdown(alert), global_step=step)
+
+    def _resolve_store_path(self, trainer: pl.Trainer) -> Path:
+        if isinstance(self.store_path, (str, Path)):
+            return Path(self.store_path)
+        root = trainer.log_dir or trainer.default_root_dir
+        return Path(root) / "xcam.sqlite"
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "target_layer": self.target_layer, "num_probe": self.num_probe, "every_n_epochs": self.every_n_epochs,
+            "methods": list(self.methods), "metrics": list(self.metrics), "seed": self.seed,
+            "n_samples": self.n_samples, "noise_std": self.noise_std, "num_references": self.num_references,
+            "num_fit": self.num_fit, "floor_size": self.floor_size, "steps": self.steps,
+            "n_perturb": self.n_perturb, "targets": "predicted class (argmax on the clean probe image)",
+            "probe_ids": self._data.ids.tolist() if self._data is not None else None,
+        }
+
+
+# -------------------------------------------------------------------------------------------------------
+# Data: the probe, the reference bank and the GAD fit set, drawn once
+
+
+class _Shard:
+    """This rank's slice of the probe, on the model's device, plus what gathering needs."""
+
+    def __init__(self, x: Tensor, targets: Tensor, ids: Tensor, total: int, per_rank: int, floor: int) -> None:
+        self.x, self.targets, self.ids = x, targets, ids
+        self.total, self.per_rank, self.floor = total, per_rank, floor
+
+    def gather(self, trainer: pl.Trainer, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """All ranks' per-sample values in probe order (D1: pad, all_gather, trim), on CPU."""
+        if trainer.world_size == 1:
+            return {k: v.detach().cpu() for k, v in values.items()}
+        out = {}
+        for key, value in values.items():
+            padded = value.new_zeros((self.per_rank, *value.shape[1:]))
+            padded[: value.shape[0]] = value
+            stacked = trainer.strategy.all_gather(padded)
+            out[key] = stacked.reshape(-1, *value.shape[1:])[: self.total].detach().cpu()
+        return out
+
+
+class _ProbeData:
+    """The fixed probe, reference bank and GAD fit set, on CPU, drawn once with the monitor's generator."""
+
+    def __init__(self, x: Tensor, targets: Tensor, ids: Tensor, masks: Tensor | None, references: Tensor,
+                 fit: Tensor, floor: int) -> None:
+        self.x, self.targets, self.ids, self.masks = x, targets, ids, masks
+        self.references, self.fit, self.floor = references, fit, floor
+
+    @classmethod
+    def draw(cls, monitor: ExplanationMonitor, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _ProbeData:
+        generator = torch.Generator().manual_seed(monitor.seed)
+        train = _dataset(trainer.train_dataloader) if trainer.train_dataloader is not None else None
+        with isolate_rng():  # dataset transforms may draw from global RNGs
+            if monitor.probe is not None:
+                probe_set, probe_idx = monitor.probe, None
+                n = len(monitor.probe)
+                if n == 0:
+                    raise MisconfigurationException("`probe` is empty; pass at least one (x, y) item.")
+                indices = list(range(n))
+            else:
+                probe_set = _dataset(trainer.val_dataloaders) or train
+                if probe_set is None:
+                    raise MisconfigurationException("ExplanationMonitor found no dataset to draw the probe from.")
+                n = len(probe_set)
+                if monitor.num_probe > n:
+                    raise MisconfigurationException(
+                        f"`num_probe={monitor.num_probe}` is larger than the dataset it is drawn from ({n} items); "
+                        f"pass num_probe <= {n}."
+                    )
+                indices = torch.randperm(n, generator=generator)[: monitor.num_probe].tolist()
+                probe_idx = set(indices) if probe_set is train else None
+            x, y, masks = _stack([probe_set[i] for i in indices])
+            if train is None:
+                raise MisconfigurationException("ExplanationMonitor needs the training dataset for its reference bank.")
+            pool = [i for i in torch.randperm(len(train), generator=generator).tolist() if not probe_idx or i not in probe_idx]
+            references = _stack([train[i] for i in pool[: monitor.num_references]])[0]
+            fit = _stack([train[i] for i in pool[: monitor.num_fit]])[0]
+        if monitor.spurious_masks is not None:
+            masks = monitor.spurious_masks.bool().cpu()
+        with explanation_context(pl_module):
+            logits = torch.cat([pl_module(fresh_input(chunk, pl_module.device)).detach().cpu() for chunk in x.split(256)])
+        del y  # the explained class is the model's own prediction (ALGORITHMS.md §1.2)
+        return cls(x, logits.argmax(1), torch.as_tensor(indices), masks, references, fit, min(monitor.floor_size, x.shape[0]))
+
+    def shard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, limit: int | None = None) -> _Shard:
+        total = self.x.shape[0] if limit is None else min(limit, self.x.shape[0])
+        world, rank = trainer.world_size, trainer.global_rank
+        per = math.ceil(total / world)
+        rows = slice(min(rank * per, total), min((rank + 1) * per, total))
+        x = trainer.precision_plugin.convert_input(self.x[rows]).to(pl_module.device)
+        floor = min(math.ceil(self.floor / world), x.shape[0])
+        return _Shard(x, self.targets[rows].to(pl_module.device), self.ids[rows], total, per, floor)
+
+
+def _dataset(loaders: Any) -> Any:
+    if loaders is None:
+        return None
+    if isinstance(loaders, (list, tuple)):
+        return _dataset(loaders[0]) if loaders else None
+    if isinstance(loaders, dict):
+        return _dataset(next(iter(loaders.values()), None))
+    return getattr(loaders, "dataset", None)
+
+
+def _stack(items: list[Any]) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    if not items:
+        raise MisconfigurationException("ExplanationMonitor drew no items; the dataset is empty.")
+    first = items[0]
+    if isinstance(first, Tensor):
+        return torch.stack([i.float() for i in items]), None, None
+    columns = list(zip(*items))
+    x = torch.stack([torch.as_tensor(v).float() for v in columns[0]])
+    y = torch.as_tensor([int(v) for v in columns[1]]) if len(columns) > 1 else None
+    masks = torch.stack([torch.as_tensor(v).bool() for v in columns[2]]) if len(columns) > 2 else None
+    return x, y, masks
+
+
+def _alert_markdown(alert: Alert) -> str:
+    """An alert as TensorBoard TEXT: the message, then its numbers and the probe items that show it."""
+    where = "all classes" if alert.class_index is None else f"class {alert.class_index}"
+    items = ", ".join(str(i) for i in alert.sample_indices[:16]) or "-"
+    return (f"**{alert.message}**\n\n| kind | {where} | score | threshold | probe items |\n|---|---|---|---|---|\n"
+            f"| {alert.kind} | epoch {alert.epoch} | {alert.score:.4g} | {alert.threshold:.4g} | {items} |")
+
+
+def _run_name(trainer: pl.Trainer) -> str:
+    logger = trainer.logger
+    version = getattr(logger, "version", None) if logger is not None else None
+    if version is None:
+        return "default"
+    return version if isinstance(version, str) else f"version_{version}"
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MisconfigurationException(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+
+
+def _check_names(name: str, values: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+    unknown = [v for v in values if v not in allowed]
+    if unknown or not values and name == "methods":
+        raise MisconfigurationException(
+            f"`{name}` has unknown entries {unknown or values}; choose from {', '.join(repr(a) for a in allowed)}."
+        )

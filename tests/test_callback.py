@@ -1,0 +1,191 @@
+"""ExplanationMonitor inside real Trainer.fit runs on real digits: logging, store, no side effects, resume, DDP."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_xcam import ExplanationMonitor
+from lightning_xcam.demos import SmallCNN, load_digits_tensors
+from lightning_xcam.store import ExplanationStore
+
+FAST = dict(methods=("expected_gradcam",), num_probe=6, n_samples=3, num_references=8, num_fit=48, floor_size=3, steps=4, n_perturb=3,
+            log_images=2, sensitivity_every=1)
+
+
+class DigitsModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SmallCNN(in_channels=1, num_classes=10, width=8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class DigitsData(pl.LightningDataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        x, y = load_digits_tensors(16)
+        self.train_set = TensorDataset(x[:192], y[:192])
+        self.val_set = TensorDataset(x[1500:1564], y[1500:1564])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=32, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=32)
+
+
+def _trainer(tmp_path: Path, callbacks: list, max_epochs: int = 2, **kwargs) -> pl.Trainer:
+    options = dict(default_root_dir=tmp_path, max_epochs=max_epochs, enable_progress_bar=False,
+                   enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", devices=1,
+                   logger=TensorBoardLogger(tmp_path, name="", version=0), deterministic=True)
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+def _weights(module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_fit_logs_scalars_images_and_store_without_nan(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    monitor = ExplanationMonitor(target_layer="net.features", **FAST)
+    trainer = _trainer(tmp_path, [monitor])
+    model = DigitsModule()
+    trainer.fit(model, datamodule=DigitsData())
+
+    assert [h["epoch"] for h in monitor.history] == [0, 1]
+    events = EventAccumulator(str(tmp_path / "version_0"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    for method in ("expected_gradcam",):
+        for name in ("insertion_auc", "deletion_auc", "infidelity", "max_sensitivity", "drift_spearman", "noise_floor"):
+            tag = f"xcam/{method}/{name}"
+            assert tag in scalars, tag
+            assert all(math.isfinite(e.value) for e in events.Scalars(tag))
+            assert tag in trainer.callback_metrics
+        assert f"xcam_images/{method}/probe_{int(monitor._data.ids[0]):03d}" in events.Tags()["images"]
+    assert "xcam/time_s" in scalars and "xcam/alert" in scalars
+    for value in trainer.callback_metrics.values():
+        assert torch.isfinite(value).all()
+
+    with ExplanationStore(tmp_path / "version_0" / "xcam.sqlite") as store:
+        assert store.epochs() == [0, 1]
+        rows = store.metrics(method="expected_gradcam", metric="insertion_auc")
+        assert sorted(r["sample"] for r in rows if r["epoch"] == 1) == sorted(monitor._data.ids.tolist())
+        assert store.maps("expected_gradcam", 1).shape == (6, 16, 16)
+    trainer.validate(model, datamodule=DigitsData())  # afterwards: nothing breaks under inference mode
+
+
+@pytest.mark.slow
+def test_same_seed_gives_bit_identical_weights_with_and_without_monitor(tmp_path: Path) -> None:
+    def train(callbacks: list) -> dict[str, torch.Tensor]:
+        pl.seed_everything(1)
+        model = DigitsModule()
+        _trainer(tmp_path, callbacks, accumulate_grad_batches=2, val_check_interval=0.5).fit(model, datamodule=DigitsData())
+        return _weights(model)
+
+    plain = train([])
+    watched = train([ExplanationMonitor(target_layer="net.features", store=False, **FAST)])
+    assert plain.keys() == watched.keys()
+    for key in plain:
+        assert torch.equal(plain[key], watched[key]), key
+
+
+@pytest.mark.slow
+def test_resume_continues_history_and_store_once_per_epoch(tmp_path: Path) -> None:
+    store = tmp_path / "xcam.sqlite"
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    pl.seed_everything(2)
+    first = ExplanationMonitor(target_layer="net.features", store=str(store), **FAST)
+    _trainer(tmp_path, [first, checkpoint], enable_checkpointing=True).fit(DigitsModule(), datamodule=DigitsData())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert [h["epoch"] for h in saved["callbacks"][first.state_key]["history"]] == [0, 1]
+
+    resumed = ExplanationMonitor(target_layer="net.features", store=str(store), **FAST)
+    trainer = _trainer(tmp_path, [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt")], max_epochs=4,
+                       enable_checkpointing=True)
+    trainer.fit(DigitsModule(), datamodule=DigitsData(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    assert "xcam/expected_gradcam/drift_spearman" in resumed.history[2]  # drift against the restored maps
+    with ExplanationStore(store, run="version_0") as db:
+        assert db.epochs() == [0, 1, 2, 3]
+        rows = db.metrics(method="expected_gradcam", metric="deletion_auc")
+        assert len(rows) == 4 * 6 and len({(r["epoch"], r["sample"]) for r in rows}) == 4 * 6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn on CPU")
+def test_ddp_spawn_explains_every_probe_item_once(tmp_path: Path) -> None:
+    store = tmp_path / "xcam.sqlite"
+    options = {**FAST, "num_probe": 7}
+    monitor = ExplanationMonitor(target_layer="net.features", store=str(store), **options)
+    trainer = _trainer(tmp_path, [monitor], max_epochs=1, strategy="ddp_spawn", devices=2, deterministic=False)
+    trainer.fit(DigitsModule(), datamodule=DigitsData())
+    with ExplanationStore(store, run="version_0") as db:
+        rows = db.metrics(method="expected_gradcam", metric="insertion_auc", epoch=0)
+        assert sorted(r["sample"] for r in rows) == sorted(set(r["sample"] for r in rows))
+        assert len(rows) == 7
+        assert db.maps("expected_gradcam", 0).shape[0] == 7
+    assert "xcam/expected_gradcam/insertion_auc" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_epochs": 0}, "every_n_epochs"),
+        ({"methods": ("expected_gradcam", "lime")}, "unknown entries"),
+        ({"metrics": ("insertion", "accuracy")}, "unknown entries"),
+        ({"on_alert": "panic"}, "on_alert"),
+        ({"num_probe": 0}, "num_probe"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs: dict, match: str) -> None:
+    with pytest.raises(MisconfigurationException, match=match):
+        ExplanationMonitor(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"target_layer": "net.featurs"}, "net.features"),
+        ({"target_layer": "net.head.0"}, "spatial"),
+        ({"num_probe": 5000}, "larger than the dataset"),
+        ({"probe": TensorDataset(torch.zeros(0, 1, 16, 16), torch.zeros(0, dtype=torch.long))}, "empty"),
+    ],
+)
+def test_bad_setup_fails_before_training(tmp_path: Path, kwargs: dict, match: str) -> None:
+    model = DigitsModule()
+    before = _weights(model)
+    monitor = ExplanationMonitor(**{**FAST, **kwargs})
+    with pytest.raises(MisconfigurationException, match=match):
+        _trainer(tmp_path, [monitor], max_epochs=1).fit(model, datamodule=DigitsData())
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+
+
+def test_state_key_names_the_identifying_arguments() -> None:
+    monitor = ExplanationMonitor(target_layer="net.features", every_n_epochs=2, num_probe=8)
+    assert monitor.state_key == "ExplanationMonitor{'target_layer': 'net.features', 'every_n_epochs': 2, 'num_probe': 8}"
