@@ -456,6 +456,8 @@ class ExplanationMonitor(Callback):
                     continue
                 stats = drift_stats.drift_statistics(earlier, current)
                 rows[method][reference] = stats
+                if not bool(stats["valid"].any()):
+                    continue  # every pair degenerate: no drift to report (never a misleading 0)
                 for stat in ("spearman", "js"):
                     summary = drift_stats.summarize(stats[stat], stats["valid"])
                     summaries[f"xcam/{method}/drift_{stat}" + ("" if reference == "previous" else "_first")] = summary["median"]

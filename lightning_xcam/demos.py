@@ -181,3 +181,58 @@ def load_lfw_tensors(size: int = 25) -> tuple[Tensor, Tensor]:
     images = (images - images.mean()) / images.std()
     labels = torch.cat([torch.ones(100, dtype=torch.long), torch.zeros(100, dtype=torch.long)])
     return images, labels
+
+
+def digits_datamodule(size: int = 32, num_train: int = 1200, batch_size: int = 64, seed: int = 0):  # noqa: ANN201
+    """A ``LightningDataModule`` over the real digits: the first ``num_train`` (shuffled once with
+    ``seed``) for training, the rest for validation."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    images, labels = load_digits_tensors(size)
+    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+    train, val = order[:num_train], order[num_train:]
+
+    class DigitsDataModule(pl.LightningDataModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.train_set = TensorDataset(images[train], labels[train])
+            self.val_set = TensorDataset(images[val], labels[val])
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(self.train_set, batch_size=batch_size, shuffle=True)
+
+        def val_dataloader(self) -> DataLoader:
+            return DataLoader(self.val_set, batch_size=batch_size)
+
+    return DigitsDataModule()
+
+
+def digits_classifier(width: int = 16, lr: float = 0.05):  # noqa: ANN201
+    """A ``LightningModule`` wrapping :class:`SmallCNN` (CAM layer ``"net.features"``), SGD with momentum."""
+    import lightning.pytorch as pl
+
+    class DigitsClassifier(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = SmallCNN(in_channels=1, num_classes=10, width=width)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: tuple[Tensor, Tensor], _index: int) -> Tensor:
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch: tuple[Tensor, Tensor], _index: int) -> None:
+            x, y = batch
+            logits = self(x)
+            self.log("val_loss", F.cross_entropy(logits, y))
+            self.log("val_acc", (logits.argmax(1) == y).float().mean())
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9)
+
+    return DigitsClassifier()

@@ -9,7 +9,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -17,34 +16,20 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xcam import ExplanationMonitor
-from lightning_xcam.demos import SmallCNN, load_digits_tensors
+from lightning_xcam.demos import digits_classifier, load_digits_tensors
 from lightning_xcam.store import ExplanationStore
 
 FAST = dict(methods=("expected_gradcam",), num_probe=6, n_samples=3, num_references=8, num_fit=48, floor_size=3, steps=4, n_perturb=3,
             log_images=2, sensitivity_every=1)
 
 
-class DigitsModule(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = SmallCNN(in_channels=1, num_classes=10, width=8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _idx: int) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _idx: int) -> None:
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+def DigitsModule() -> pl.LightningModule:  # noqa: N802 - reads like the class it builds
+    return digits_classifier(width=8)
 
 
 class DigitsData(pl.LightningDataModule):
+    """192 training and 64 validation digits at 16×16: small enough for several fits per test session."""
+
     def __init__(self) -> None:
         super().__init__()
         x, y = load_digits_tensors(16)
