@@ -1,0 +1,865 @@
+"""GAD (Gradient Artificial Distancing; Rodrigues, Boutry, Najman 2024, arXiv 2401.14434).
+
+GAD makes a gradient explanation concise. It trains ``k`` *support* regression models to mimic the
+classifier ``f`` with every sample's class margin widened by ``α_i`` (*distanced targets*), explains
+``f`` and every support with the same base method, keeps only the evidence present in all ``k + 1`` maps
+and returns the original map inside that mask. The paper's text and code are not public; this follows
+the reconstruction in ALGORITHMS.md §3:
+
+- targets ``z̃_j = z_j − α_i·1[j ≠ ŷ]`` with ``ŷ = argmax f(x)`` (per-sample one-vs-rest, so the same
+  ``k`` supports serve every class), ``α_i = λ_i·s`` and ``s`` the median margin of the fit set, floored;
+- supports start from ``f``, are trained with MSE and Adam in eval mode;
+- ``B_i = A_i ≥ τ·max A_i`` per map, ``B = ∧_i B_i``, ``GAD(x) = A_0 ⊙ B``.
+
+**Shared trunk** (default, the cheap in-training variant of ALGORITHMS.md §3.4). The model is cut at a
+*split* module: every module that completes before the split (and the split itself) is the frozen trunk,
+shared by all models and run once per input point; everything that runs after it is the *tail*, copied
+per support and trained on cached trunk activations. The head of each model is a structural copy of the
+user's model in which the trunk modules are swapped for pass-throughs and the split for a module that
+returns the cached trunk output; copy 0 shares every tensor with the original, so it *is* the original's
+tail. This needs a self-contained tail: nothing after the split may read a trunk value other than the
+split's output (true for ``nn.Sequential`` stages, ResNets, VGGs). :meth:`GAD.fit` checks that copy 0
+reproduces the original logits on the fit set and raises otherwise; then pass another ``split`` or
+``shared_trunk=False``.
+
+Automatic split: when the gradient at the CAM layer depends on the input (a non-linear head follows it),
+the split is the CAM layer itself and only the head is copied. When it does not (global pooling + a
+linear classifier: ALGORITHMS.md §3.4, the supports would collapse to one map) the split moves before the
+CAM layer: to the module that precedes the last parametrised module of the CAM layer inside the nearest
+``nn.Sequential`` (ResNet ``layer4`` → split ``layer4.0``, tail ``layer4.1`` + ``fc``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_xcam._checks import Targets, check_images
+from lightning_xcam.maps import OutputSize, degenerate, resolve_output_size, upsample
+from lightning_xcam.methods._guard import explanation_context, fresh_input
+from lightning_xcam.methods.cam import (
+    ExpectedGradCAM,
+    GradCAM,
+    IntegratedGradCAM,
+    _CAM,
+    _LayerProbe,
+    _model_device,
+)
+from lightning_xcam.methods.input_gradients import INPUT_GRADIENT_METHODS, InputGradients
+from lightning_xcam.methods.layers import LayerSpec, resolve_layer
+
+__all__ = ["GAD", "GADResult"]
+
+_CAM_BASES: dict[str, type[_CAM]] = {
+    "gradcam": GradCAM,
+    "expected_gradcam": ExpectedGradCAM,
+    "integrated_gradcam": IntegratedGradCAM,
+}
+_DEFAULT_BANK = 64  # reference images taken from the fit set when an Expected Grad-CAM base has none
+
+
+@dataclass(frozen=True)
+class GADResult:
+    """Output of :meth:`GAD.explain` for ``B`` images and ``M = 1 + active supports`` models.
+
+    Attributes:
+        maps: GAD maps ``[B, h, w]``: the original model's base map inside the fused mask.
+        base_maps: The base maps of every model before fusion ``[M, B, h, w]`` (index 0: the original).
+        mask: The fused mask ``[B, h, w]`` (bool).
+        targets: The explained class of every image ``[B]``.
+    """
+
+    maps: Tensor
+    base_maps: Tensor
+    mask: Tensor
+    targets: Tensor
+
+
+# --------------------------------------------------------------------------- the split and the heads
+
+
+class _TrunkDone(BaseException):
+    """Stops the user's forward at the split. A BaseException, so a broad ``except Exception`` in a
+    user's forward cannot swallow it."""
+
+    def __init__(self, output: Tensor) -> None:
+        super().__init__()
+        self.output = output
+
+
+class _Feed:
+    """The trunk output handed to the heads' :class:`_Inject` module for one forward pass."""
+
+    value: Tensor | None = None
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a trunk module inside a head: returns its first input, computes nothing."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return args[0] if args else None
+
+
+class _Inject(nn.Module):
+    """Stands in for the split module inside a head: returns (a copy of) the current trunk output."""
+
+    def __init__(self, feed: _Feed) -> None:
+        super().__init__()
+        self.feed = feed
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        if self.feed.value is None:
+            raise RuntimeError("a GAD head ran without a trunk output; run it through the GAD ensemble.")
+        return self.feed.value.clone()  # an in-place op in one head must not reach the next head
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where the model is cut.
+
+    Attributes:
+        split: Dotted name of the last trunk module, or ``None`` for full copies (nothing shared).
+        trunk: Outermost modules that run only before the split ends (the split last); swapped in heads.
+        tail_params: Names of the parameters the supports train.
+    """
+
+    split: str | None
+    trunk: tuple[str, ...]
+    tail_params: tuple[str, ...]
+
+
+def _is_within(name: str, ancestor: str) -> bool:
+    return ancestor == "" or name == ancestor or name.startswith(ancestor + ".")
+
+
+def _execution(model: nn.Module, x: Tensor) -> dict[str, list[tuple[int, int]]]:
+    """``(start, end)`` ticks of every call of every module in one forward pass of ``x[:1]``."""
+    clock = [0]
+    starts: dict[str, list[int]] = {}
+    calls: dict[str, list[tuple[int, int]]] = {}
+    handles = []
+
+    def tick() -> int:
+        clock[0] += 1
+        return clock[0]
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda *_a, n=name: starts.setdefault(n, []).append(tick())))
+        handles.append(
+            module.register_forward_hook(lambda *_a, n=name: calls.setdefault(n, []).append((starts[n].pop(), tick())))
+        )
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _auto_split(model: nn.Module, calls: dict[str, list[tuple[int, int]]], layer: str, linear_tail: bool) -> str:
+    """The default split (see the module docstring)."""
+    if not linear_tail:
+        return layer
+    layer_end = calls[layer][-1][1]
+    owners = [
+        name
+        for name, module in model.named_modules()
+        if name in calls and any(True for _ in module.parameters(recurse=False)) and calls[name][-1][1] <= layer_end
+    ]
+    if not owners:
+        raise ValueError(f"no parametrised module runs up to the CAM layer `{layer}`; pass `split=` explicitly.")
+    last = max(owners, key=lambda n: calls[n][-1][1])
+    fallback: str | None = None
+    node = last
+    while node:
+        parent_name = node.rsplit(".", 1)[0] if "." in node else ""
+        parent = model.get_submodule(parent_name)
+        begin = calls[node][0][0]
+        before = [
+            f"{parent_name}.{child}" if parent_name else child
+            for child, _ in parent.named_children()
+        ]
+        before = [n for n in before if n in calls and calls[n][-1][1] < begin]
+        if before:
+            candidate = max(before, key=lambda n: calls[n][-1][1])
+            if isinstance(parent, nn.Sequential):
+                return candidate
+            fallback = fallback or candidate
+        node = parent_name
+    if fallback is None:
+        raise ValueError(f"could not find a module to split before the CAM layer `{layer}`; pass `split=` explicitly.")
+    return fallback
+
+
+def _plan(model: nn.Module, calls: dict[str, list[tuple[int, int]]], split: str, layer: str) -> _Plan:
+    """Classify modules into trunk and tail around ``split`` and check the CAM layer is in the tail."""
+    if split not in calls:
+        raise ValueError(f"`split={split!r}` did not run in the model's forward pass; name a module the model calls.")
+    if len(calls[split]) != 1:
+        raise ValueError(f"`split={split!r}` runs {len(calls[split])} times per forward pass; pick a module used once.")
+    split_end = calls[split][0][1]
+    trunk: set[str] = set()
+    tail: set[str] = set()
+    for name, spans in calls.items():
+        if _is_within(split, name) and name != split:
+            continue  # containers of the split run on both sides; their glue code runs in every head
+        if all(end <= split_end for _, end in spans):
+            trunk.add(name)
+        elif all(start > split_end for start, _ in spans):
+            tail.add(name)
+        elif any(True for _ in model.get_submodule(name).parameters()):
+            raise ValueError(
+                f"the module `{name}` runs both before and after `split={split!r}` and has parameters, so the trunk "
+                "and the tail would share weights; pass another `split` or use `shared_trunk=False`."
+            )
+    if layer in trunk and layer != split:
+        raise ValueError(
+            f"the CAM layer `{layer}` runs before `split={split!r}` ends; the split must be the CAM layer or come "
+            "before it."
+        )
+    if layer not in tail and not _is_within(split, layer):
+        raise ValueError(f"the CAM layer `{layer}` does not run after `split={split!r}`; pick an earlier split.")
+    outer = sorted(
+        (n for n in trunk if (n.rsplit(".", 1)[0] if "." in n else "") not in trunk),
+        key=lambda n: calls[n][0][1],
+    )
+    frozen = {id(p) for n in trunk for p in model.get_submodule(n).parameters()}
+    tail_params = []
+    for pname, param in model.named_parameters():
+        owner = pname.rsplit(".", 1)[0] if "." in pname else ""
+        if owner in tail and id(param) not in frozen:
+            tail_params.append(pname)
+    if not tail_params:
+        raise ValueError(f"nothing trainable runs after `split={split!r}`; pick an earlier split.")
+    return _Plan(split=split, trunk=tuple(outer), tail_params=tuple(tail_params))
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name), child, module)
+
+
+def _head(model: nn.Module, plan: _Plan, feed: _Feed, trainable: bool) -> nn.Module:
+    """A copy of ``model`` as a head: trunk modules swapped, every tensor shared except (if ``trainable``)
+    the tail parameters, which are fresh copies of the current values."""
+    own = set(plan.tail_params) if trainable else set()
+    memo: dict[int, Any] = {id(p): p for n, p in model.named_parameters() if n not in own}
+    memo.update({id(b): b for b in model.buffers()})
+    head = copy.deepcopy(model, memo)
+    for name in plan.trunk:
+        _set_module(head, name, _Inject(feed) if name == plan.split else _PassThrough())
+    for name, param in head.named_parameters():
+        param.requires_grad_(name in own and trainable)
+    return head
+
+
+class _Ensemble(nn.Module):
+    """The original model and its supports on one trunk: logits ``[M, S, K]`` (see :class:`~lightning_xcam.
+    methods.input_gradients.Heads`). Built and used only inside :func:`explanation_context`."""
+
+    def __init__(self, model: nn.Module, plan: _Plan, heads: Sequence[nn.Module], feed: _Feed) -> None:
+        super().__init__()
+        self._model = [model]  # a list, so the user's model is not registered as a submodule
+        self.plan = plan
+        self.members = list(heads)
+        self.feed = feed
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    def modules(self) -> list[nn.Module]:  # type: ignore[override]
+        return [self._model[0], *self.members]
+
+    def trunk(self, x: Tensor) -> Tensor:
+        """The split output of ``x`` (``x`` itself for full copies); only the trunk runs."""
+        if self.plan.split is None:
+            return x
+
+        def stop(_module: nn.Module, _inputs: object, output: Tensor) -> None:
+            raise _TrunkDone(output)
+
+        handle = self._model[0].get_submodule(self.plan.split).register_forward_hook(stop)
+        try:
+            self._model[0](x)
+        except _TrunkDone as done:
+            return done.output
+        finally:
+            handle.remove()
+        raise RuntimeError(f"the split `{self.plan.split}` did not run in the model's forward pass.")
+
+    def heads(self, x: Tensor, feeds: Sequence[Tensor], members: Sequence[nn.Module] | None = None) -> Tensor:
+        """Logits ``[M, S, K]`` of each head on its trunk output ``feeds[m]``."""
+        members = self.members if members is None else members
+        if self.plan.split is None:
+            return torch.stack([head(f) for head, f in zip(members, feeds)])
+        outs = []
+        try:
+            for head, f in zip(members, feeds):
+                self.feed.value = f
+                outs.append(head(x))
+        finally:
+            self.feed.value = None
+        return torch.stack(outs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shared = self.trunk(x)
+        return self.heads(x, [shared] * self.size)
+
+
+# --------------------------------------------------------------------------- fusion and diagnostics
+
+
+def _masks(maps: Tensor, tau: float) -> Tensor:
+    """``A ≥ τ·max A`` per map (``[..., h, w]``); a degenerate map gives an empty mask."""
+    flat = maps.flatten(-2)
+    peak = flat.amax(dim=-1, keepdim=True)
+    bad = degenerate(flat.reshape(-1, flat.shape[-1])).view(peak.shape)
+    return ((flat >= tau * peak) & ~bad).view_as(maps)
+
+
+def _hull_fraction(mask: Tensor) -> Tensor:
+    """Area of the convex hull of the cell centres in each mask over ``h·w`` (``[B]``); 0 for fewer than
+    three non-collinear cells. Only each row's extreme cells can be hull vertices, so at most ``2h``
+    points per map reach the (per-map, diagnostics-only) monotone-chain loop."""
+    batch, h, w = mask.shape
+    cols = torch.arange(w, device=mask.device).expand(batch, h, w)
+    left = torch.where(mask, cols, w).amin(dim=-1).cpu()
+    right = torch.where(mask, cols, -1).amax(dim=-1).cpu()
+    areas = []
+    for b in range(batch):
+        rows = (right[b] >= 0).nonzero().flatten().tolist()
+        points = sorted({(float(r), float(left[b, r])) for r in rows} | {(float(r), float(right[b, r])) for r in rows})
+        areas.append(_polygon_area(_monotone_chain(points)) / (h * w))
+    return torch.tensor(areas, dtype=torch.float32)
+
+
+def _cross(o: tuple[float, float], a: tuple[float, float], b: tuple[float, float]) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+
+def _monotone_chain(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    if len(points) < 3:
+        return points
+    lower: list[tuple[float, float]] = []
+    upper: list[tuple[float, float]] = []
+    for p in points:
+        while len(lower) >= 2 and _cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    for p in reversed(points):
+        while len(upper) >= 2 and _cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    return lower[:-1] + upper[:-1]
+
+
+def _polygon_area(vertices: list[tuple[float, float]]) -> float:
+    if len(vertices) < 3:
+        return 0.0
+    twice = sum(a[0] * b[1] - b[0] * a[1] for a, b in zip(vertices, vertices[1:] + vertices[:1]))
+    return abs(twice) / 2
+
+
+def _r2(pred: Tensor, target: Tensor) -> float:
+    """Multi-output R²: ``1 − Σ(pred − target)² / Σ(target − column mean)²``."""
+    residual = (pred - target).pow(2).sum()
+    total = (target - target.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    return float(1 - residual / total)
+
+
+# --------------------------------------------------------------------------- GAD
+
+
+@dataclass
+class _Support:
+    """One support model: its ``λ``, its head and its parameter offsets from the original (warm start)."""
+
+    lam: float
+    head: nn.Module | None = None
+    delta: dict[str, Tensor] | None = None
+    active: bool = False
+    fit_r2: float = float("nan")
+    agreement: float = float("nan")
+    refit: bool = False
+
+
+class GAD:
+    """Gradient Artificial Distancing over any base attribution (see the module docstring).
+
+    Args:
+        model: The classifier ``f`` (any ``nn.Module`` returning logits ``[B, K]``; a LightningModule works).
+        target_layer: The CAM layer (dotted name or module; ``None`` detects it at the first :meth:`fit`).
+            Input-gradient bases use it only to place the automatic split.
+        base: ``"gradcam"``, ``"expected_gradcam"``, ``"integrated_gradcam"``, one of ``"saliency"``,
+            ``"input_x_gradient"``, ``"integrated_gradients"``, ``"guided_backprop"``, ``"deconvolution"``,
+            or a CAM explainer instance on ``model`` (its configuration is used for every model).
+        lambdas: Margin multipliers ``λ_i``, one support model each; ``α_i = λ_i·s``.
+        tau: Mask threshold as a fraction of each map's maximum, in ``(0, 1]``.
+        base_kwargs: Keyword arguments of the base explainer built from a string (e.g. ``n_samples``,
+            ``noise_std``, ``references`` for Expected Grad-CAM; ``steps``, ``baseline`` for integrated
+            gradients). An Expected Grad-CAM base without ``references`` uses up to 64 evenly spaced images
+            of the first fit set as its bank.
+        split: Dotted name of the last shared (frozen) module; the tail is every module that runs after
+            it. ``None`` chooses automatically (module docstring).
+        shared_trunk: ``False`` trains full copies of the model (every parameter; for offline use).
+        steps: Adam steps of a cold fit (first fit, or a support reset after a bad fit).
+        warm_steps: Adam steps of a warm fit (later fits start from the previous supports' offsets).
+        fit_batch_size: Minibatch size of the support fit.
+        lr: Adam learning rate of the ``λ = 1`` support; support ``i`` uses ``lr·λ_i`` (the parameter change
+            it needs grows with its shift). Lower it for large pretrained tails (ResNet ``layer4``).
+        r2_threshold: A support whose fit R² stays below this after one reset is excluded (with a warning);
+            ``-inf`` keeps every support.
+        min_margin: Floor of the median margin ``s`` in logits.
+        seed: Seed of the minibatch order (a private generator).
+
+    Raises:
+        TypeError: For a wrong ``model`` or ``base`` type.
+        ValueError: For bad values (empty ``lambdas``, ``tau`` outside ``(0, 1]``, unknown base, a base
+            explainer bound to another model or layer).
+
+    Example:
+        >>> from lightning_xcam.demos import SmallCNN
+        >>> net = SmallCNN().eval()  # untrained here, so keep every support whatever its fit
+        >>> gad = GAD(net, "features", base="gradcam", steps=5, r2_threshold=float("-inf"))
+        >>> gad.fit(torch.randn(32, 1, 16, 16))
+        >>> gad(torch.randn(2, 1, 16, 16)).shape
+        torch.Size([2, 4, 4])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: LayerSpec = None,
+        base: str | _CAM = "expected_gradcam",
+        lambdas: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
+        tau: float = 0.1,
+        *,
+        base_kwargs: dict[str, Any] | None = None,
+        split: str | None = None,
+        shared_trunk: bool = True,
+        steps: int = 300,
+        warm_steps: int = 30,
+        fit_batch_size: int = 64,
+        lr: float = 2e-2,
+        r2_threshold: float = 0.9,
+        min_margin: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        lambdas = tuple(lambdas)
+        if not lambdas or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in lambdas):
+            raise ValueError(f"`lambdas` must be a non-empty sequence of positive numbers, got {lambdas!r}.")
+        if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
+            raise ValueError(f"`tau` must lie in (0, 1], got {tau!r}.")
+        for name, value in (("steps", steps), ("warm_steps", warm_steps), ("fit_batch_size", fit_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "warm_steps" else 1):
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if split is not None and not isinstance(split, str):
+            raise TypeError(f"`split` must be a dotted module name or None, got {type(split).__name__}.")
+        self.model = model
+        self.lambdas = lambdas
+        self.tau = float(tau)
+        self.shared_trunk = bool(shared_trunk)
+        self.steps, self.warm_steps, self.fit_batch_size = steps, warm_steps, fit_batch_size
+        self.lr, self.r2_threshold, self.min_margin, self.seed = float(lr), float(r2_threshold), float(min_margin), seed
+        self._split_spec = split
+        self._layer_name = resolve_layer(model, target_layer)[0] if target_layer is not None else None
+        self._base_kwargs = dict(base_kwargs or {})
+        self._base: _CAM | InputGradients | None = self._make_base(base)
+        self._supports = [_Support(lam=float(v)) for v in lambdas]
+        self._feed = _Feed()
+        self._plan: _Plan | None = None
+        self._original: nn.Module | None = None
+        self._versions: list[int] = []
+        self._fits = 0
+        self._previous_masks: dict[tuple[int, int], Tensor] = {}
+        self.diagnostics: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- configuration
+
+    def _make_base(self, base: str | _CAM) -> _CAM | InputGradients | None:
+        if isinstance(base, _CAM):
+            if base.model is not self.model:
+                raise ValueError("the `base` explainer is bound to another model; build it on the model given to GAD.")
+            if base.target_layer is not None:
+                if self._layer_name is not None and base.target_layer != self._layer_name:
+                    raise ValueError(
+                        f"the `base` explainer uses layer `{base.target_layer}` but GAD was given `{self._layer_name}`."
+                    )
+                self._layer_name = base.target_layer
+            if self._base_kwargs:
+                raise ValueError("`base_kwargs` only applies when `base` is a name; configure the instance instead.")
+            return base
+        if not isinstance(base, str):
+            raise TypeError(f"`base` must be a method name or a CAM explainer instance, got {type(base).__name__}.")
+        if base in INPUT_GRADIENT_METHODS:
+            return InputGradients(base, **self._base_kwargs)  # type: ignore[arg-type]
+        if base not in _CAM_BASES:
+            raise ValueError(f"`base` must be one of {(*_CAM_BASES, *INPUT_GRADIENT_METHODS)} or an explainer, got {base!r}.")
+        if base == "expected_gradcam" and "references" not in self._base_kwargs:
+            return None  # the bank comes from the first fit set
+        return _CAM_BASES[base](self.model, self._layer_name, **self._base_kwargs)
+
+    @property
+    def target_layer(self) -> str | None:
+        """Dotted name of the CAM layer (``None`` until detected by the first :meth:`fit`)."""
+        return self._layer_name
+
+    @property
+    def split(self) -> str | None:
+        """Dotted name of the last shared module after :meth:`fit` (``None`` for full copies)."""
+        return None if self._plan is None else self._plan.split
+
+    @property
+    def base(self) -> _CAM | InputGradients | None:
+        """The base explainer applied to every model."""
+        return self._base
+
+    # ----------------------------------------------------------------- fit
+
+    def fit(self, x_fit: Tensor) -> None:
+        """Train (first call) or refresh (later calls, warm start) the support models on ``x_fit``.
+
+        Args:
+            x_fit: ``[N, C, H, W]`` training images in model-input space (512–2048 is typical), disjoint
+                from the images to explain.
+
+        Raises:
+            ValueError: If the trunk/tail split is not self-contained (the shared-trunk ensemble does not
+                reproduce the model's logits), or on a bad split.
+        """
+        check_images(x_fit, "x_fit")
+        with explanation_context(self.model):
+            device = _model_device(self.model)
+            x = fresh_input(x_fit, device)
+            if self._layer_name is None:
+                self._layer_name = resolve_layer(self.model, None, x)[0]
+            if self._base is None:
+                bank = x[torch.linspace(0, x.shape[0] - 1, min(_DEFAULT_BANK, x.shape[0]), device=device).long()]
+                self._base = ExpectedGradCAM(self.model, self._layer_name, references=bank, **self._base_kwargs)
+            self._plan = self._make_plan(x)
+            self._original = _head(self.model, self._plan, self._feed, trainable=False) if self._plan.split else self.model
+            feeds, logits = self._trunk_and_logits(x)
+            self._check_self_contained(x, feeds, logits)
+            self._fit_supports(x, feeds, logits)
+            self._versions = [p._version for p in self.model.parameters()]
+            self._fits += 1
+
+    def _make_plan(self, x: Tensor) -> _Plan:
+        if not self.shared_trunk:
+            return _Plan(split=None, trunk=(), tail_params=tuple(n for n, _ in self.model.named_parameters()))
+        calls = _execution(self.model, x)
+        layer = self._layer_name
+        assert layer is not None
+        if layer not in calls:
+            raise ValueError(f"the CAM layer `{layer}` did not run in the model's forward pass.")
+        split = self._split_spec
+        if split is None:
+            split = _auto_split(self.model, calls, layer, self._linear_tail(x, layer))
+        return _plan(self.model, calls, split, layer)
+
+    def _linear_tail(self, x: Tensor, layer: str) -> bool:
+        """Whether ``∂y_0/∂A`` at the CAM layer is the same for every input (an affine head)."""
+        probe = _LayerProbe(self.model, [self.model.get_submodule(layer)])
+        sample = x[: min(8, x.shape[0])]
+        _, grads, _ = probe.gradients(sample, torch.zeros(sample.shape[0], dtype=torch.long, device=x.device))
+        spread = (grads - grads[:, :1]).abs().amax()
+        return bool(spread <= 1e-6 * grads.abs().amax().clamp_min(1e-12))
+
+    def _trunk_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Cached trunk outputs (``x`` for full copies) and the model's logits, from one forward pass each."""
+        assert self._plan is not None
+        split = self._plan.split
+        feeds, logits = [], []
+        with torch.no_grad():
+            for part in x.split(self.fit_batch_size * 4):
+                captured: list[Tensor] = []
+                handle = None
+                if split is not None:
+                    handle = self.model.get_submodule(split).register_forward_hook(
+                        lambda _m, _i, out: captured.append(out.detach().clone())
+                    )
+                try:
+                    logits.append(self.model(part))
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                feeds.append(captured[0] if split is not None else part)
+        return torch.cat(feeds), torch.cat(logits)
+
+    def _ensemble(self, members: Sequence[nn.Module]) -> _Ensemble:
+        assert self._plan is not None and self._original is not None
+        return _Ensemble(self.model, self._plan, [self._original, *members], self._feed)
+
+    def _predict(self, ensemble: _Ensemble, x: Tensor, feeds: Tensor, members: Sequence[nn.Module]) -> Tensor:
+        """Logits ``[M, N, K]`` of ``members`` on cached trunk outputs, without gradients."""
+        step = self.fit_batch_size * 4
+        with torch.no_grad():
+            parts = [
+                ensemble.heads(x[i : i + step], [feeds[i : i + step]] * len(members), members)
+                for i in range(0, x.shape[0], step)
+            ]
+        return torch.cat(parts, dim=1)
+
+    def _check_self_contained(self, x: Tensor, feeds: Tensor, logits: Tensor) -> None:
+        if self._plan is None or self._plan.split is None:
+            return
+        assert self._original is not None
+        hint = (
+            "Something after the split reads another trunk value (a skip connection?). Pass a `split` at a stage "
+            "boundary, or `shared_trunk=False`."
+        )
+        try:
+            replay = self._predict(self._ensemble([]), x, feeds, [self._original])[0]
+        except RuntimeError as err:
+            raise ValueError(
+                f"the tail after `split={self._plan.split!r}` is not self-contained: it fails on the cached split "
+                f"output ({err}). {hint}"
+            ) from err
+        tolerance = 1e-5 * max(1.0, float(logits.abs().max()))
+        if replay.shape != logits.shape or not torch.allclose(replay, logits, rtol=1e-5, atol=tolerance):
+            raise ValueError(
+                f"the tail after `split={self._plan.split!r}` is not self-contained: running it on the cached split "
+                f"output does not reproduce the model's logits. {hint}"
+            )
+
+    def _targets(self, logits: Tensor) -> tuple[Tensor, Tensor, float]:
+        """Predicted classes, the off-class indicator ``1[j ≠ ŷ]`` and the floored median margin ``s``."""
+        predicted = logits.argmax(dim=1)
+        others = 1 - F.one_hot(predicted, logits.shape[1]).to(logits.dtype)
+        top = logits.gather(1, predicted[:, None])[:, 0]
+        runner_up = (logits - 1e30 * (1 - others)).amax(dim=1)
+        margin = max(float((top - runner_up).median()), self.min_margin)
+        return predicted, others, margin
+
+    def _fit_supports(self, x: Tensor, feeds: Tensor, logits: Tensor) -> None:
+        assert self._plan is not None
+        predicted, others, margin = self._targets(logits)
+        alphas = [s.lam * margin for s in self._supports]
+        goals = [logits - a * others for a in alphas]
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(hash((self.seed, self._fits)) & ((1 << 63) - 1))
+        for support in self._supports:
+            support.refit = False
+            support.head = self._support_head(support.delta)
+        cold = [i for i, s in enumerate(self._supports) if s.delta is None]
+        warm = [i for i, s in enumerate(self._supports) if s.delta is not None]
+        self._train(cold, x, feeds, goals, self.steps, generator)
+        self._train(warm, x, feeds, goals, self.warm_steps, generator)
+        self._score(x, feeds, goals, predicted)
+        bad = [i for i, s in enumerate(self._supports) if not s.fit_r2 >= self.r2_threshold]  # NaN is bad too
+        for i in bad:
+            self._supports[i].head = self._support_head(None)
+            self._supports[i].refit = True
+        self._train(bad, x, feeds, goals, self.steps, generator)
+        if bad:
+            self._score(x, feeds, goals, predicted)
+        for support in self._supports:
+            support.active = support.fit_r2 >= self.r2_threshold
+            assert support.head is not None
+            # Offsets from the current original: the next fit starts from θ_f(then) + Δ.
+            params = dict(support.head.named_parameters())
+            current = dict(self.model.named_parameters())
+            support.delta = {n: (params[n] - current[n]).detach() for n in self._plan.tail_params}
+            if not support.active:
+                support.delta = None
+                warnings.warn(
+                    f"GAD support λ={support.lam} fits its distanced targets with R²={support.fit_r2:.3f} < "
+                    f"{self.r2_threshold} even after a reset; it is excluded from the fusion.",
+                    stacklevel=3,
+                )
+            support.head.requires_grad_(False)
+        self.diagnostics = {
+            "fit_r2": [s.fit_r2 for s in self._supports],
+            "agreement": [s.agreement for s in self._supports],
+            "alphas": alphas,
+            "lambdas": list(self.lambdas),
+            "margin": margin,
+            "active": [s.active for s in self._supports],
+            "refit": [s.refit for s in self._supports],
+            "split": self._plan.split,
+            "fits": self._fits + 1,
+        }
+
+    def _support_head(self, delta: dict[str, Tensor] | None) -> nn.Module:
+        assert self._plan is not None
+        head = _head(self.model, self._plan, self._feed, trainable=True)
+        if delta is not None:
+            params = dict(head.named_parameters())
+            with torch.no_grad():
+                for name, offset in delta.items():
+                    params[name].add_(offset.to(params[name].device))
+        return head
+
+    def _train(
+        self, which: list[int], x: Tensor, feeds: Tensor, goals: list[Tensor], steps: int, generator: torch.Generator
+    ) -> None:
+        """Adam on the tails of the supports ``which`` (MSE to their distanced targets), in eval mode.
+
+        Only the supports' own parameters are optimised, with ``torch.autograd.grad``; the original's
+        parameters and ``.grad`` are never part of it.
+        """
+        if not which or steps == 0:
+            return
+        assert self._plan is not None
+        heads = [self._supports[i].head for i in which]
+        groups = [
+            # The parameter change needed grows with the shift α_i ∝ λ_i; Adam's steps do not, so scale them.
+            {"params": [p for p in h.parameters() if p.requires_grad], "lr": self.lr * self._supports[i].lam}  # type: ignore[union-attr]
+            for h, i in zip(heads, which)
+        ]
+        params = [p for g in groups for p in g["params"]]
+        optimizer = torch.optim.Adam(groups, lr=self.lr, foreach=True)
+        # Cosine decay to zero: large early steps reach the wide margins, small late steps settle the fit.
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+        ensemble = self._ensemble([])
+        n = x.shape[0]
+        order = torch.randperm(n, generator=generator, device=x.device)
+        cursor = 0
+        for _ in range(steps):
+            if cursor + self.fit_batch_size > n:
+                order, cursor = torch.randperm(n, generator=generator, device=x.device), 0
+            idx = order[cursor : cursor + self.fit_batch_size]
+            cursor += self.fit_batch_size
+            out = ensemble.heads(x[idx], [feeds[idx]] * len(heads), heads)  # type: ignore[arg-type]
+            loss = sum(F.mse_loss(out[j], goals[i][idx]) for j, i in enumerate(which))
+            grads = torch.autograd.grad(loss, params)
+            for p, g in zip(params, grads):
+                p.grad = g
+            optimizer.step()
+            schedule.step()
+        for p in params:
+            p.grad = None
+
+    def _score(self, x: Tensor, feeds: Tensor, goals: list[Tensor], predicted: Tensor) -> None:
+        heads = [s.head for s in self._supports]
+        out = self._predict(self._ensemble([]), x, feeds, heads)  # type: ignore[arg-type]
+        for support, pred, goal in zip(self._supports, out, goals):
+            support.fit_r2 = _r2(pred, goal)
+            support.agreement = float((pred.argmax(dim=1) == predicted).float().mean())
+
+    def support_model(self, index: int) -> nn.Module:
+        """A standalone copy of the original model carrying support ``index``'s trained tail (eval mode).
+
+        For inspection and offline use; explanations never need it (they share the trunk).
+
+        Args:
+            index: Position in ``lambdas``.
+
+        Raises:
+            RuntimeError: Before :meth:`fit`, or for a support excluded by the last fit.
+            IndexError: For an index outside ``lambdas``.
+        """
+        if self._plan is None:
+            raise RuntimeError("GAD has no support models yet: call `gad.fit(x_fit)` first.")
+        if not 0 <= index < len(self._supports):
+            raise IndexError(f"`index` must lie in [0, {len(self._supports) - 1}], got {index}.")
+        support = self._supports[index]
+        if not support.active or support.head is None:
+            raise RuntimeError(f"support {index} (λ={support.lam}) was excluded by the last fit (R² too low).")
+        standalone = copy.deepcopy(self.model).eval()
+        trained = dict(support.head.named_parameters())
+        with torch.no_grad():
+            for name, param in standalone.named_parameters():
+                if name in trained:
+                    param.copy_(trained[name])
+        return standalone
+
+    # ----------------------------------------------------------------- explain
+
+    def __call__(
+        self,
+        x: Tensor,
+        targets: Targets = None,
+        output_size: OutputSize = None,
+        *,
+        sample_ids: Tensor | None = None,
+        stream: int = 0,
+    ) -> Tensor:
+        """GAD maps of ``x``: the original model's base map inside the fused support mask.
+
+        Args:
+            x: ``[B, C, H, W]`` images in model-input space.
+            targets: ``LongTensor [B]``, an int, or ``None`` for the original model's argmax.
+            output_size: ``None`` (the base's native resolution: the layer for CAM bases, the input for
+                input-gradient bases), ``"input"`` or ``(H, W)``: bilinear upsampling after fusion.
+            sample_ids: ``[B]`` ids seeding the base's random draws (common random numbers across models,
+                calls and batches); default ``0..B-1``.
+            stream: Independent replicate stream (1 gives the noise-floor replicate).
+
+        Returns:
+            Non-negative float32 maps ``[B, h, w]`` (``[B, H, W]`` when upsampled). A degenerate base map
+            gives an all-zero GAD map.
+
+        Raises:
+            RuntimeError: If :meth:`fit` has not been called.
+        """
+        maps = self.explain(x, targets, sample_ids=sample_ids, stream=stream).maps
+        return upsample(maps, resolve_output_size(output_size, x))
+
+    def explain(
+        self, x: Tensor, targets: Targets = None, *, sample_ids: Tensor | None = None, stream: int = 0
+    ) -> GADResult:
+        """GAD maps with every model's base map, the fused mask and the targets (see :meth:`__call__`)."""
+        if self._plan is None or self._base is None:
+            raise RuntimeError("GAD has no support models yet: call `gad.fit(x_fit)` with training images first.")
+        check_images(x)
+        members = [s.head for s in self._supports if s.active]
+        with explanation_context(self.model):
+            x = fresh_input(x, _model_device(self.model))
+            self._note_stale()
+            ensemble = self._ensemble(members)  # type: ignore[arg-type]
+            if isinstance(self._base, InputGradients):
+                maps, c = self._base.maps(ensemble, x, targets)
+            else:
+                assert self._layer_name is not None
+                probe = _LayerProbe(ensemble, [m.get_submodule(self._layer_name) for m in ensemble.members])
+                result = self._base.run(probe, x, targets, sample_ids, stream)
+                maps, c = result.maps, result.targets
+        masks = _masks(maps, self.tau)
+        fused = masks.all(dim=0)
+        out = maps[0] * fused
+        self._diagnose(masks[0], fused, x, sample_ids, stream)
+        return GADResult(maps=out, base_maps=maps, mask=fused, targets=c)
+
+    def _note_stale(self) -> None:
+        stale = [p._version for p in self.model.parameters()] != self._versions
+        self.diagnostics["stale"] = stale
+        if stale:
+            warnings.warn(
+                "the model's parameters changed since the last `gad.fit`; the supports no longer mimic it. Call "
+                "`fit` again before explaining.",
+                stacklevel=4,
+            )
+
+    def _diagnose(self, plain: Tensor, fused: Tensor, x: Tensor, sample_ids: Tensor | None, stream: int) -> None:
+        cells = plain[0].numel()
+        self.diagnostics["plain_fraction"] = plain.flatten(1).sum(1).float().cpu() / cells
+        self.diagnostics["kept_fraction"] = fused.flatten(1).sum(1).float().cpu() / cells
+        self.diagnostics["hull_area"] = {"plain": _hull_fraction(plain), "gad": _hull_fraction(fused)}
+        ids = _CAM._sample_ids(sample_ids, x)
+        iou: dict[int, float] = {}
+        for sid, mask in zip(ids, fused.cpu()):
+            previous = self._previous_masks.get((stream, sid))
+            if previous is not None and previous.shape == mask.shape:
+                union = int((previous | mask).sum())
+                iou[sid] = 1.0 if union == 0 else int((previous & mask).sum()) / union
+            self._previous_masks[(stream, sid)] = mask
+        self.diagnostics["mask_iou_prev"] = iou
+
+    def __repr__(self) -> str:
+        return (
+            f"GAD(target_layer={self._layer_name!r}, base={self._base!r}, lambdas={self.lambdas}, tau={self.tau}, "
+            f"split={self.split!r}, shared_trunk={self.shared_trunk})"
+        )

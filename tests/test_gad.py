@@ -1,0 +1,405 @@
+"""GAD: support fits, fusion identities, shared-trunk machinery, input-gradient bases vs Captum, no side effects."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from captum import attr as captum_attr
+from torch import nn
+
+from lightning_xcam import GAD
+from lightning_xcam.demos import SmallCNN, load_digits_tensors
+from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM
+from lightning_xcam.methods.gad import _hull_fraction
+from lightning_xcam.methods.input_gradients import INPUT_GRADIENT_METHODS, InputGradients, SingleModel
+
+SIZE = 16
+N_FIT = 1024
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SmallCNN trained on real digits at 16×16 (~99% held-out accuracy): ``(net, x_fit, x_probe, y_probe)``."""
+    torch.manual_seed(0)
+    x, y = load_digits_tensors(SIZE)
+    perm = torch.randperm(x.shape[0])
+    x, y = x[perm], y[perm]
+    net = SmallCNN()
+    epochs, batch, train = 12, 32, 1400
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-2, total_steps=epochs * ((train + batch - 1) // batch))
+    for _ in range(epochs):
+        net.train()
+        for i in range(0, train, batch):
+            loss = F.cross_entropy(net(x[i : i + batch]), y[i : i + batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    net.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        assert (net(x[train:]).argmax(1) == y[train:]).float().mean() > 0.97
+    return net, x[:N_FIT], x[train : train + 64], y[train : train + 64]
+
+
+@pytest.fixture(scope="module")
+def gad_gradcam(trained) -> GAD:
+    net, x_fit, _, _ = trained
+    gad = GAD(net, "features", base="gradcam")
+    gad.fit(x_fit)
+    return gad
+
+
+def _margin(net: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        top2 = net(x).topk(2, dim=1).values
+    return max(float((top2[:, 0] - top2[:, 1]).median()), 1.0)
+
+
+def _last_active(gad: GAD) -> tuple[int, int]:
+    """The largest-λ support kept by the last fit and its row in ``base_maps`` (row 0 is the original)."""
+    active = gad.diagnostics["active"]
+    index = max(i for i, a in enumerate(active) if a)
+    return index, sum(active[: index + 1])
+
+
+# ----------------------------------------------------------------------------- supports
+
+
+def test_supports_fit_distanced_targets_and_keep_decisions(trained, gad_gradcam) -> None:
+    net, x_fit, _, _ = trained
+    d = gad_gradcam.diagnostics
+    assert gad_gradcam.split == "features"  # non-linear head after the CAM layer: the head is the tail
+    assert len(d["fit_r2"]) == 4 and min(d["fit_r2"]) >= 0.9
+    assert min(d["agreement"]) >= 0.99
+    assert all(d["active"])
+    s = _margin(net, x_fit)
+    assert d["margin"] == pytest.approx(s, rel=1e-6)
+    assert d["alphas"] == pytest.approx([lam * s for lam in (0.5, 1, 2, 4)], rel=1e-6)
+    # Recompute R² and agreement from standalone support models (independent of the shared-trunk code).
+    with torch.no_grad():
+        z = net(x_fit)
+        yhat = z.argmax(1)
+        others = 1 - F.one_hot(yhat, 10).float()
+        for i, alpha in enumerate(d["alphas"]):
+            g = gad_gradcam.support_model(i)(x_fit)
+            goal = z - alpha * others
+            r2 = 1 - (g - goal).pow(2).sum() / (goal - goal.mean(0)).pow(2).sum()
+            assert float(r2) == pytest.approx(d["fit_r2"][i], abs=1e-4)
+            assert float((g.argmax(1) == yhat).float().mean()) == pytest.approx(d["agreement"][i])
+
+
+def test_warm_fit_restarts_from_previous_offsets(trained) -> None:
+    net, x_fit, _, _ = trained
+    net = copy.deepcopy(net)
+    gad = GAD(net, "features", base="gradcam", steps=150, warm_steps=0, r2_threshold=0.0)
+    gad.fit(x_fit[:512])
+    first = [dict(gad.support_model(i).named_parameters())["head.2.weight"].detach().clone() for i in range(4)]
+    r2 = list(gad.diagnostics["fit_r2"])
+    gad.fit(x_fit[:512])  # zero warm steps, unchanged model: θ_f + Δ gives back the same supports
+    assert gad.diagnostics["fit_r2"] == pytest.approx(r2, abs=1e-6)
+    with torch.no_grad():
+        net.head[2].weight.add_(0.01)  # the model moves: the supports follow with the same offsets
+    gad.fit(x_fit[:512])
+    for i in range(4):
+        now = dict(gad.support_model(i).named_parameters())["head.2.weight"]
+        torch.testing.assert_close(now, first[i] + 0.01, rtol=0, atol=1e-6)
+
+
+def test_bad_support_is_refit_then_excluded_with_warning(trained) -> None:
+    net, x_fit, x_probe, _ = trained
+    gad = GAD(net, "features", base="gradcam", lambdas=(0.5, 64.0), steps=40, r2_threshold=0.95)
+    with pytest.warns(UserWarning, match="excluded"):
+        gad.fit(x_fit[:256])
+    d = gad.diagnostics
+    assert d["active"] == [d["fit_r2"][0] >= 0.95, False] and d["refit"][1]
+    result = gad.explain(x_probe[:8])
+    assert result.base_maps.shape[0] == 1 + sum(d["active"])
+    with pytest.raises(RuntimeError, match="excluded"):
+        gad.support_model(1)
+
+
+# ----------------------------------------------------------------------------- fusion
+
+
+def test_gad_is_original_map_inside_intersection_of_thresholded_maps(trained, gad_gradcam) -> None:
+    net, _, x_probe, _ = trained
+    result = gad_gradcam.explain(x_probe)
+    maps, base = result.maps, result.base_maps
+    assert base.shape == (5, x_probe.shape[0], 4, 4)
+    # Model 0 of the ensemble is the original; models 1..k are the standalone supports.
+    torch.testing.assert_close(base[0], GradCAM(net, "features")(x_probe), rtol=1e-5, atol=1e-6)
+    for i in range(4):
+        torch.testing.assert_close(base[i + 1], GradCAM(gad_gradcam.support_model(i), "features")(x_probe), rtol=1e-4, atol=1e-5)
+    peak = base.amax(dim=(2, 3), keepdim=True)
+    expected_mask = ((base >= 0.1 * peak) & (peak > 0)).all(dim=0)
+    assert torch.equal(result.mask, expected_mask)
+    plain = base[0] >= 0.1 * base[0].amax(dim=(1, 2), keepdim=True)
+    assert not bool(((maps > 0) & ~plain).any())  # GAD's support ⊆ the thresholded original map
+    assert torch.equal(maps[result.mask], base[0][result.mask])  # exactly the original inside the mask
+    assert bool((maps[~result.mask] == 0).all())
+    assert torch.equal(gad_gradcam(x_probe), maps)
+    assert gad_gradcam(x_probe, output_size="input").shape == (x_probe.shape[0], SIZE, SIZE)
+
+
+def test_fused_mask_is_smaller_and_more_faithful_than_random(trained, gad_gradcam) -> None:
+    net, _, x_probe, _ = trained
+    result = gad_gradcam.explain(x_probe)
+    d = gad_gradcam.diagnostics
+    assert bool((d["kept_fraction"] <= d["plain_fraction"]).all())
+    assert d["kept_fraction"].mean() < d["plain_fraction"].mean()
+    assert bool((d["hull_area"]["gad"] <= d["hull_area"]["plain"] + 1e-6).all())
+    mask, c = result.mask.float(), result.targets
+    area = mask.flatten(1).sum(1)
+    keep = area > 0
+    assert keep.float().mean() > 0.9
+
+    def drop(cell_mask: torch.Tensor) -> torch.Tensor:
+        pixels = F.interpolate(cell_mask[:, None], size=(SIZE, SIZE), mode="nearest")
+        with torch.no_grad():
+            p0 = net(x_probe).softmax(1).gather(1, c[:, None])[:, 0]
+            p1 = net(x_probe * (1 - pixels)).softmax(1).gather(1, c[:, None])[:, 0]
+        return (p0 - p1)[keep]
+
+    generator = torch.Generator().manual_seed(0)
+    random_drops = []
+    for _ in range(16):
+        scores = torch.rand(mask.shape[0], mask[0].numel(), generator=generator)
+        ranks = scores.argsort(1).argsort(1)
+        random_drops.append(drop((ranks < area[:, None]).float().view_as(mask)).mean())
+    assert drop(mask).mean() > torch.stack(random_drops).mean() + 0.05
+
+
+def test_multiclass_same_k_supports_cover_all_ten_classes(trained, gad_gradcam) -> None:
+    net, x_fit, x_probe, _ = trained
+    with torch.no_grad():
+        yhat = net(x_fit).argmax(1)
+        supports = [gad_gradcam.support_model(i)(x_fit).argmax(1) for i in range(4)]
+    assert set(yhat.tolist()) == set(range(10))
+    for pred in supports:  # one support per α serves every class
+        per_class = torch.stack([(pred[yhat == k] == k).float().mean() for k in range(10)])
+        assert float(per_class.min()) >= 0.97
+    # Every class gets a non-empty GAD explanation, also for an explicitly requested non-argmax class.
+    result = gad_gradcam.explain(x_probe)
+    assert set(result.targets.tolist()) == set(range(10))
+    assert bool((result.maps.flatten(1).amax(1) > 0).all())
+    with torch.no_grad():
+        runner_up = net(x_probe).topk(2, dim=1).indices[:, 1]
+    other = gad_gradcam.explain(x_probe, targets=runner_up)
+    assert torch.equal(other.targets, runner_up)
+    torch.testing.assert_close(other.base_maps[0], GradCAM(net, "features")(x_probe, runner_up), rtol=1e-5, atol=1e-6)
+    assert torch.equal(other.maps[other.mask], other.base_maps[0][other.mask])
+
+
+# ----------------------------------------------------------------------------- Expected Grad-CAM base
+
+
+def test_expected_gradcam_base_costs_one_trunk_pass_per_path_point(trained) -> None:
+    net, x_fit, x_probe, _ = trained
+    bank = x_fit[:16]
+    kwargs = {"references": bank, "n_samples": 6, "noise_std": 0.1, "seed": 3}
+    gad = GAD(net, "features", base="expected_gradcam", base_kwargs=kwargs)
+    gad.fit(x_fit[:512])
+    rows = []
+    handle = net.features[0].register_forward_hook(lambda _m, inp, _o: rows.append(inp[0].shape[0]))
+    try:
+        egc_maps = ExpectedGradCAM(net, "features", **kwargs)(x_probe[:8], sample_ids=torch.arange(10, 18))
+        egc_rows = sum(rows)
+        rows.clear()
+        result = gad.explain(x_probe[:8], sample_ids=torch.arange(10, 18))
+        gad_rows = sum(rows)
+    finally:
+        handle.remove()
+    assert gad_rows == egc_rows  # the k + 1 models share every trunk pass
+    torch.testing.assert_close(result.base_maps[0], egc_maps, rtol=1e-5, atol=1e-6)
+    index, row = _last_active(gad)
+    support = ExpectedGradCAM(gad.support_model(index), "features", **kwargs)(x_probe[:8], sample_ids=torch.arange(10, 18))
+    torch.testing.assert_close(result.base_maps[row], support, rtol=1e-4, atol=1e-5)  # common random numbers
+
+
+def test_explainer_instance_and_default_bank(trained) -> None:
+    net, x_fit, x_probe, _ = trained
+    egc = ExpectedGradCAM(net, "features", references=x_fit[:8], n_samples=4, noise_std=0.0)
+    gad = GAD(net, base=egc, steps=100, r2_threshold=0.0)
+    assert gad.target_layer == "features"
+    gad.fit(x_fit[:256])
+    torch.testing.assert_close(gad.explain(x_probe[:4]).base_maps[0], egc(x_probe[:4]), rtol=1e-5, atol=1e-6)
+    default = GAD(net, "features", base_kwargs={"n_samples": 2}, steps=20, r2_threshold=0.0)
+    default.fit(x_fit[:100])
+    assert isinstance(default.base, ExpectedGradCAM) and default.base.references.shape[0] == 64
+
+
+# ----------------------------------------------------------------------------- input-gradient bases
+
+
+def _captum_oracle(net: nn.Module) -> nn.Module:
+    oracle = copy.deepcopy(net)
+    for module in oracle.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False  # Captum's ReLU backward hooks refuse in-place ReLUs
+    return oracle
+
+
+_CAPTUM = {
+    "saliency": captum_attr.Saliency,
+    "input_x_gradient": captum_attr.InputXGradient,
+    "integrated_gradients": captum_attr.IntegratedGradients,
+    "guided_backprop": captum_attr.GuidedBackprop,
+    "deconvolution": captum_attr.Deconvolution,
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", INPUT_GRADIENT_METHODS)
+def test_input_gradient_attributions_equal_captum(method: str) -> None:
+    net = SmallCNN(in_channels=3).eval()  # in-place ReLUs, random weights, 3 channels
+    x = torch.randn(3, 3, 16, 16)
+    c = torch.tensor([2, 5, 7])
+    ours, chosen = InputGradients(method, steps=12, batch_size=10).attributions(SingleModel(net), x, c)
+    kwargs = {"n_steps": 12} if method == "integrated_gradients" else {}
+    reference = _CAPTUM[method](_captum_oracle(net)).attribute(x.clone(), target=c, **kwargs)
+    assert torch.equal(chosen, c)
+    torch.testing.assert_close(ours[0], reference, rtol=1e-5, atol=1e-7)
+    assert float(reference.abs().max()) > 0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method", INPUT_GRADIENT_METHODS)
+def test_gad_input_gradient_bases_match_captum_before_fusion(trained, method: str) -> None:
+    net, x_fit, x_probe, _ = trained
+    gad = GAD(net, "features", base=method, base_kwargs={"steps": 8} if method == "integrated_gradients" else None, steps=150)
+    gad.fit(x_fit[:384])
+    x = x_probe[:6]
+    result = gad.explain(x)
+    kwargs = {"n_steps": 8} if method == "integrated_gradients" else {}
+    reference = _CAPTUM[method](_captum_oracle(net)).attribute(x.clone(), target=result.targets, **kwargs)
+    torch.testing.assert_close(result.base_maps[0], reference.mean(1).clamp_min(0), rtol=1e-5, atol=1e-7)
+    assert result.maps.shape == (6, SIZE, SIZE)
+    assert torch.equal(result.maps[result.mask], result.base_maps[0][result.mask])
+    if method in ("guided_backprop", "integrated_gradients"):  # each support's own gradient, not a sum of heads
+        index, row = _last_active(gad)
+        oracle = _captum_oracle(gad.support_model(index))
+        support = _CAPTUM[method](oracle).attribute(x.clone(), target=result.targets, **kwargs)
+        torch.testing.assert_close(result.base_maps[row], support.mean(1).clamp_min(0), rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def test_linear_head_moves_split_before_cam_layer() -> None:
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(32, 3, 32, 32)
+    gad = GAD(net, "layer4", base="gradcam", steps=3, lr=1e-3, r2_threshold=float("-inf"))
+    gad.fit(x)
+    assert gad.split == "layer4.0"  # tail: layer4.1 + fc, as ALGORITHMS.md §3.4
+    tail = set(gad._plan.tail_params)
+    assert tail == {n for n, _ in net.named_parameters() if n.startswith(("layer4.1.", "fc."))}
+    result = gad.explain(x[:4])
+    torch.testing.assert_close(result.base_maps[0], GradCAM(net, "layer4")(x[:4]), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        result.base_maps[2], GradCAM(gad.support_model(1), "layer4")(x[:4]), rtol=1e-4, atol=1e-6
+    )
+
+
+class _SkipNet(nn.Module):
+    """A tail that reads a trunk value other than the split output (a long skip connection)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.mid = nn.Conv2d(4, 4, 3, padding=1)
+        self.body = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        a = torch.relu(self.body(torch.relu(self.mid(s)))) + s  # `s` is not the split's (`mid`) output
+        return self.head(a.mean(dim=(2, 3)))
+
+
+def test_tail_that_is_not_self_contained_is_refused_and_full_copies_work() -> None:
+    net = _SkipNet().eval()
+    x = torch.randn(32, 1, 8, 8)
+    with pytest.raises(ValueError, match="not self-contained"):
+        GAD(net, "body", base="gradcam", split="mid", steps=5).fit(x)
+    shared = GAD(net, "body", base="gradcam", split="stem", steps=5, r2_threshold=float("-inf"))
+    shared.fit(x)  # the skip reads the split output itself: self-contained
+    torch.testing.assert_close(shared.explain(x[:4]).base_maps[0], GradCAM(net, "body")(x[:4]), rtol=1e-5, atol=1e-7)
+    gad = GAD(net, "body", base="gradcam", shared_trunk=False, steps=30, r2_threshold=float("-inf"))
+    gad.fit(x)
+    assert gad.split is None
+    result = gad.explain(x[:4])
+    torch.testing.assert_close(result.base_maps[0], GradCAM(net, "body")(x[:4]), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(result.base_maps[1], GradCAM(gad.support_model(0), "body")(x[:4]), rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- guard, diagnostics, errors
+
+
+def test_fit_and_explain_leave_no_trace(trained) -> None:
+    net, x_fit, x_probe, _ = trained
+    net = copy.deepcopy(net).train()
+    net.features[1].eval()  # a user-frozen BatchNorm must stay frozen
+    for p in net.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    net.head[0].weight.requires_grad_(False)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    flags = [m.training for m in net.modules()]
+    rng = torch.get_rng_state()
+    gad = GAD(net, "features", base="guided_backprop", steps=20, r2_threshold=0.0)
+    gad.fit(x_fit[:128])
+    gad(x_probe[:4], output_size="input")
+    gad2 = GAD(net, "features", base_kwargs={"n_samples": 3}, steps=20, r2_threshold=0.0)
+    gad2.fit(x_fit[:128])
+    gad2(x_probe[:4])
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
+    assert [m.training for m in net.modules()] == flags
+    assert all(bool((p.grad == 0.5).all()) for p in net.parameters())
+    assert not net.head[0].weight.requires_grad and net.head[2].weight.requires_grad
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+
+
+def test_diagnostics_keys_and_mask_stability(trained, gad_gradcam) -> None:
+    _, _, x_probe, _ = trained
+    ids = torch.arange(100, 108)
+    gad_gradcam(x_probe[:8], sample_ids=ids)
+    gad_gradcam(x_probe[:8], sample_ids=ids)
+    d = gad_gradcam.diagnostics
+    for key in ("fit_r2", "agreement", "alphas", "margin", "active", "refit", "kept_fraction", "plain_fraction", "hull_area", "mask_iou_prev", "stale"):
+        assert key in d
+    assert d["mask_iou_prev"] == {i: 1.0 for i in range(100, 108)}
+    assert d["stale"] is False
+
+
+def test_hull_fraction_hand_cases() -> None:
+    mask = torch.zeros(4, 5, 5, dtype=torch.bool)
+    mask[0, 0, 0] = mask[0, 0, 4] = mask[0, 4, 0] = True  # right triangle with legs 4: area 8
+    mask[1, 2, :] = True  # collinear: 0
+    mask[2, 1:4, 1:4] = True  # 3×3 block of centres: a 2×2 square
+    torch.testing.assert_close(_hull_fraction(mask), torch.tensor([8 / 25, 0.0, 4 / 25, 0.0]))
+
+
+def test_errors(trained) -> None:
+    net, x_fit, x_probe, _ = trained
+    with pytest.raises(RuntimeError, match="fit"):
+        GAD(net, "features", base="gradcam")(x_probe[:2])
+    with pytest.raises(ValueError, match="tau"):
+        GAD(net, "features", tau=0.0)
+    with pytest.raises(ValueError, match="lambdas"):
+        GAD(net, "features", lambdas=())
+    with pytest.raises(ValueError, match="base"):
+        GAD(net, "features", base="lime")
+    with pytest.raises(TypeError, match="base"):
+        GAD(net, "features", base=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="another model"):
+        GAD(net, "features", base=GradCAM(SmallCNN(), "features"))
+    with pytest.raises(ValueError, match="split"):
+        GAD(net, "features.4", base="gradcam", split="features.8").fit(x_fit[:32])
+    with pytest.raises(TypeError, match="x_fit"):
+        GAD(net, "features", base="gradcam").fit([1, 2])  # type: ignore[arg-type]
