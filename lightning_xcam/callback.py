@@ -34,7 +34,6 @@ from lightning_xcam.alerts import Alert, Observation, WarningRule, area_ratio, b
 from lightning_xcam.maps import degenerate, unit_mass, upsample
 from lightning_xcam.methods._guard import explanation_context, fresh_input
 from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM, IntegratedGradCAM, _LayerProbe
-from lightning_xcam.methods.gad import GAD
 from lightning_xcam.methods.layers import resolve_layer
 from lightning_xcam.render import explanation_panel
 from lightning_xcam.store import ExplanationStore
@@ -384,7 +383,7 @@ class ExplanationMonitor(Callback):
         if method not in self._explainers:
             self._explainers[method] = self._build(method, pl_module, self.target_layer)
         explainer = self._explainers[method]
-        if isinstance(explainer, GAD):
+        if hasattr(explainer, "fit"):
             explainer.fit(self._data.fit.to(pl_module.device))  # warm start after the first evaluation
         return explainer
 
@@ -396,6 +395,8 @@ class ExplanationMonitor(Callback):
         if method == "expected_gradcam":
             return ExpectedGradCAM(pl_module, layer, **egc)
         if method == "gad":
+            from lightning_xcam.methods.gad import GAD  # support models cost memory only when GAD is used
+
             return GAD(pl_module, layer, base=ExpectedGradCAM(pl_module, layer, **egc), seed=self.seed)
         if method == "gradcam":
             return GradCAM(pl_module, layer, batch_size=self.batch_size)
