@@ -27,6 +27,7 @@ __all__ = [
     "clean_pass",
     "finish",
     "item_noise",
+    "stable_rank",
 ]
 
 Result = Tensor | tuple[Tensor, Tensor]
@@ -147,6 +148,16 @@ def item_noise(
         else:
             blocks.append((torch.rand(shape, generator=generator, device=device) * 2 - 1) * scale)
     return torch.cat(blocks)
+
+
+def stable_rank(values: Tensor) -> Tensor:
+    """``LongTensor [B, N]``: each cell's position in its row sorted in descending order (0 = largest).
+
+    The sort is stable, so ties are ranked in raster (index) order (ALGORITHMS.md §1.6).
+    """
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    positions = torch.arange(values.shape[1], device=values.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, positions)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from lightning_xcam.metrics._common import (
     clean_pass,
     finish,
     item_noise,
+    stable_rank,
 )
 from lightning_xcam.metrics._perturb import Substrate, check_max_batch, chunked_scores, make_substrate, num_points
 
@@ -60,9 +61,7 @@ def _causal_auc(
         counts = (torch.arange(points, device=device) * step).clamp_max(pixels)
 
         # Stable descending sort: ties (e.g. the exact zeros of a ReLU'd map) go in raster order.
-        order = torch.sort(clean.maps.flatten(1), dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(pixels, device=device).expand(batch, -1))
-        rank = rank.view(batch, 1, height, width)
+        rank = stable_rank(clean.maps.flatten(1)).view(batch, 1, height, width)
 
         substrate_images = make_substrate(clean.x, substrate)
         start, final = (substrate_images, clean.x) if insertion else (clean.x, substrate_images)
@@ -178,7 +177,9 @@ def _unwrap(value: object, name: str) -> Tensor:
     if isinstance(value, tuple) and len(value) == 1:
         value = value[0]
     if not isinstance(value, Tensor):
-        raise TypeError(f"`perturb_fn` must return two tensors (perturbations, perturbed_inputs); {name} is {type(value).__name__}.")
+        raise TypeError(
+            f"`perturb_fn` must return two tensors (perturbations, perturbed_inputs); {name} is {type(value).__name__}."
+        )
     return value
 
 
@@ -240,33 +241,45 @@ def infidelity(
     check_positive_int(n_perturb, "n_perturb")
     check_max_batch(max_batch)
     if perturb_fn is not None and not callable(perturb_fn):
-        raise TypeError(f"`perturb_fn` must be callable (inputs -> (perturbations, perturbed_inputs)), got {type(perturb_fn).__name__}.")
+        raise TypeError(
+            "`perturb_fn` must be callable (inputs -> (perturbations, perturbed_inputs)), "
+            f"got {type(perturb_fn).__name__}."
+        )
     with explanation_context(model):
         clean = clean_pass(model, x, maps, targets, nonnegative=False)
         batch = clean.x.shape[0]
         ids = check_sample_ids(sample_ids, batch, clean.x.device)
         phi = clean.maps.unsqueeze(1)
         clean_scores = clean.scores(softmax=False)
+        item_shape = (n_perturb, *clean.x.shape[1:])
         items_per_call = batch if max_batch is None else max(1, max_batch // n_perturb)
         a_parts, b_parts = [], []
         for first in range(0, batch, items_per_call):
             part = slice(first, min(first + items_per_call, batch))
             repeated = clean.x[part].repeat_interleave(n_perturb, dim=0)
             if perturb_fn is None:
-                noise = item_noise((n_perturb, *clean.x.shape[1:]), seed, ids[part], clean.x.device, "normal", noise_std)
+                noise = item_noise(item_shape, seed, ids[part], clean.x.device, "normal", noise_std)
                 perturbed = repeated - noise
             else:
-                noise, perturbed = (_unwrap(v, n) for v, n in zip(perturb_fn(repeated), ("perturbations", "perturbed_inputs")))
+                returned = perturb_fn(repeated)
+                if not isinstance(returned, (tuple, list)) or len(returned) != 2:
+                    raise TypeError(
+                        "`perturb_fn` must return a pair (perturbations, perturbed_inputs), "
+                        f"got {type(returned).__name__}."
+                    )
+                noise, perturbed = (_unwrap(v, n) for v, n in zip(returned, ("perturbations", "perturbed_inputs")))
                 for value, name in ((noise, "perturbations"), (perturbed, "perturbed_inputs")):
                     if value.shape != repeated.shape:
                         raise ValueError(
                             f"`perturb_fn` returned {name} of shape {tuple(value.shape)}; expected the shape of "
                             f"its input {tuple(repeated.shape)}."
                         )
+                noise, perturbed = noise.to(repeated.device), perturbed.to(repeated.device)
             rows = repeated.shape[0]
             a_parts.append((phi[part].repeat_interleave(n_perturb, dim=0) * noise.float()).flatten(1).sum(dim=1))
             row_targets = clean.targets[part].repeat_interleave(n_perturb)
-            perturbed_scores = chunked_scores(model, rows, lambda a, b: perturbed[a:b], row_targets, None, softmax=False)
+            build = lambda a, b, chunk=perturbed: chunk[a:b]  # noqa: E731
+            perturbed_scores = chunked_scores(model, rows, build, row_targets, None, softmax=False)
             b_parts.append(clean_scores[part].repeat_interleave(n_perturb) - perturbed_scores)
         a = torch.cat(a_parts).view(batch, n_perturb)
         b = torch.cat(b_parts).view(batch, n_perturb)
@@ -278,7 +291,9 @@ def infidelity(
         return finish(values, clean.maps.flatten(1).abs().amax(dim=1) > 0, return_valid)
 
 
-def _confidence(model: nn.Module, x: Tensor, maps: Tensor, targets: Targets, max_batch: int | None) -> tuple[Clean, Tensor, Tensor]:
+def _confidence(
+    model: nn.Module, x: Tensor, maps: Tensor, targets: Targets, max_batch: int | None
+) -> tuple[Clean, Tensor, Tensor]:
     """``(clean, Y, O)``: target probability on ``x`` and on ``E ⊙ x`` (display-normalised map ``E``)."""
     check_max_batch(max_batch)
     clean = clean_pass(model, x, maps, targets)

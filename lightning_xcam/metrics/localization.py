@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_xcam.maps import degenerate, upsample
-from lightning_xcam.metrics._common import Result, check_lone_maps, check_masks, finish
+from lightning_xcam.metrics._common import Result, check_lone_maps, check_masks, finish, stable_rank
 
 __all__ = ["pointing_game", "energy_pointing_game", "relevance_mass", "relevance_rank"]
 
@@ -27,10 +27,13 @@ def _prepare(maps: Tensor, masks: Tensor, nonnegative: bool) -> tuple[Tensor, Te
 
 
 def _ratio(inside: Tensor, total: Tensor) -> Tensor:
-    return torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    positive = total > 0
+    return torch.where(positive, inside / torch.where(positive, total, torch.ones_like(total)), torch.zeros_like(total))
 
 
-def pointing_game(maps: Tensor, masks: Tensor, tolerance: float = DEFAULT_TOLERANCE, return_valid: bool = False) -> Result:
+def pointing_game(
+    maps: Tensor, masks: Tensor, tolerance: float = DEFAULT_TOLERANCE, return_valid: bool = False
+) -> Result:
     """Pointing game (TorchRay): a hit when a mask pixel lies within ``tolerance`` px of the map's maximiser.
 
     Within means Euclidean distance ``< tolerance`` (TorchRay's ``d² < tol²``), i.e. the point falls in the
@@ -144,8 +147,7 @@ def relevance_rank(maps: Tensor, masks: Tensor, return_valid: bool = False) -> R
     maps, masks = _prepare(maps, masks, nonnegative=False)
     magnitude = maps.abs().flatten(1)
     flat_masks = masks.flatten(1)
-    order = torch.sort(magnitude, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    rank = stable_rank(magnitude)
     size = flat_masks.sum(dim=1)
     hits = (flat_masks & (rank < size.unsqueeze(1))).sum(dim=1)
     values = _ratio(hits.float(), size.float())

@@ -38,7 +38,8 @@ def _explain(explainer: Explainer, x: Tensor, targets: Tensor | None, ids: Tenso
         maps = maps[:, 0]
     if maps.ndim < 2 or maps.shape[0] != x.shape[0]:
         raise ValueError(
-            f"the explainer returned shape {tuple(maps.shape)} for {x.shape[0]} images; it must return one map per image."
+            f"the explainer returned shape {tuple(maps.shape)} for {x.shape[0]} images; "
+            "it must return one map per image."
         )
     return maps.detach().float().flatten(1)
 
@@ -74,7 +75,7 @@ def max_sensitivity(
     max_batch: int | None = None,
     return_valid: bool = False,
 ) -> Result:
-    """Max-sensitivity ``max_n ‖e(x + δ_n) − e(x)‖_F / ‖e(x)‖_F`` (lower is better), as Captum's ``sensitivity_max``.
+    """Max-sensitivity ``max_n ‖e(x + δ_n) − e(x)‖_F / ‖e(x)‖_F`` (lower is better), as Captum computes it.
 
     The explainer is called once on the clean images and once on all ``n_samples · B`` perturbed copies
     (``repeat_interleave`` layout, chunked by whole items only when ``max_batch`` is given), with the
@@ -120,7 +121,9 @@ def max_sensitivity(
     if not callable(explainer):
         raise TypeError(f"`explainer` must be callable (x, targets=...) -> maps, got {type(explainer).__name__}.")
     if perturb_fn is not None and not callable(perturb_fn):
-        raise TypeError(f"`perturb_fn` must be callable (inputs, radius) -> perturbed inputs, got {type(perturb_fn).__name__}.")
+        raise TypeError(
+            f"`perturb_fn` must be callable (inputs, radius) -> perturbed inputs, got {type(perturb_fn).__name__}."
+        )
     check_positive_int(n_samples, "n_samples")
     check_max_batch(max_batch)
     if isinstance(radius, bool) or not isinstance(radius, (int, float)) or radius < 0:
@@ -161,7 +164,10 @@ def max_sensitivity(
     ]
     noisy = torch.cat(parts)
     if noisy.shape != (rows, clean.shape[1]):
-        raise ValueError(f"the explainer returned maps of {noisy.shape[1]} cells on perturbed images but {clean.shape[1]} on clean ones.")
+        raise ValueError(
+            f"the explainer returned maps of {noisy.shape[1]} cells on perturbed images "
+            f"but {clean.shape[1]} on clean ones."
+        )
     distance = (noisy - clean.repeat_interleave(n_samples, dim=0)).norm(dim=1).view(batch, n_samples)
     norm = clean.norm(dim=1)
     values = (distance / torch.where(norm == 0, torch.ones_like(norm), norm).unsqueeze(1)).amax(dim=1)

@@ -82,7 +82,8 @@ class ExplanationMetric(Metric):
         accepted = set(inspect.signature(type(self).function).parameters) - {"return_valid"}
         metric_options = {k: v for k, v in options.items() if k not in accepted}
         super().__init__(**metric_options)
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        bad_type = isinstance(num_classes, bool) or not isinstance(num_classes, int)
+        if num_classes is not None and (bad_type or num_classes < 1):
             raise ValueError(f"`num_classes` must be None or a positive int, got {num_classes!r}.")
         self.num_classes = num_classes
         self.options = {k: v for k, v in options.items() if k in accepted}
@@ -110,7 +111,9 @@ class ExplanationMetric(Metric):
             buckets = torch.zeros_like(valid, dtype=torch.long)
         else:
             if not isinstance(classes, Tensor) or classes.shape != values.shape:
-                raise ValueError(f"`classes` must be a LongTensor of shape {tuple(values.shape)} when num_classes is set.")
+                raise ValueError(
+                    f"`classes` must be a LongTensor of shape {tuple(values.shape)} when num_classes is set."
+                )
             buckets = classes.to(self.total.device, torch.long)
             if bool(((buckets < 0) | (buckets >= self.num_classes)).any()):
                 raise ValueError(f"`classes` must lie in [0, {self.num_classes - 1}].")
