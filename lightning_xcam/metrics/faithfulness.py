@@ -91,8 +91,8 @@ _AUC_DOC = """
 
     RISE's protocol (ALGORITHMS.md §4.1): pixels (all channels at a location) are ranked by the map
     (upsampled bilinearly to the image), ``step = ⌈HW / steps⌉`` pixels change per step, the curve has
-    ``⌈HW / step⌉ + 1`` points (``steps + 1`` whenever ``step`` divides ``HW`` evenly enough, e.g. 21
-    at 16 × 16 with 20 steps), point ``i`` after ``min(i · step, HW)`` changed pixels; the score is the
+    ``⌈HW / step⌉ + 1`` points (usually ``steps + 1``, e.g. 21 at 16 × 16 or 64 × 64 with 20 steps; fewer
+    when rounding ``step`` up leaves fewer intervals, e.g. 26 at 10 × 10 with 30 steps), point ``i`` after ``min(i · step, HW)`` changed pixels; the score is the
     softmax probability of the target; the AUC is the trapezoid over the actual fractions ``count_i / HW``
     (RISE's rule whenever ``step`` divides ``HW``). All points of all images go through the model in
     batched, lazily built chunks; the clean image's score is shared with the target resolution pass,
