@@ -1,8 +1,8 @@
 """Benchmark of the CAM engine: speed against plain forwards and peers, and samples-to-convergence.
 
-Run it with ``python benchmarks/engine.py`` (about 3–4 minutes on 2 CPU cores; ``--quick`` for a smoke
-run, ``--samples 16 50`` to add N = 50 to the speed table). It prints markdown tables, all measured in
-one run:
+Run it with ``python benchmarks/engine.py`` (about 3–4 minutes on 2 idle CPU cores, several times that on
+a loaded machine; ``--quick`` for a smoke run, ``--samples 16`` to drop N = 50 from the speed table). It
+prints markdown tables, all measured in one run:
 
 1. **Speed** on a torchvision ResNet-18 (random weights, 10 classes, eval mode), CAM layer ``layer4``,
    a batch of 16 images 64×64, on CPU with the default thread count:
@@ -27,7 +27,8 @@ one run:
    each N and sampling scheme the table gives the Spearman correlation (tie-averaged ranks,
    ``scipy.stats.spearmanr``) between the map and the reference map, per image on the maps upsampled to
    the input size, averaged over images and over 3 seeds, and the smallest N reaching 0.9 and 0.95 with
-   the forward passes per image that costs.
+   the forward passes per image that costs. Images whose reference map is constant (all zero after the
+   ReLU) have no ranking to converge to and are left out; constant maps at small N are counted.
 
 Timings are wall-clock on a shared machine: the header prints the load average before and after.
 """
@@ -206,7 +207,9 @@ def convergence(n_images: int, sample_counts: tuple[int, ...], batch_size: int) 
     start = time.perf_counter()
     reference = egc_maps(REFERENCE_N, "iid", REFERENCE_SEED)
     reference_seconds = time.perf_counter() - start
-    degenerate_ref = int((reference.flatten(1).amax(dim=1) <= 0).sum())
+    # An image whose reference map is constant (all zero after the ReLU) has no ranking to converge to.
+    usable = reference.flatten(1).amax(dim=1) > 0
+    n_usable = int(usable.sum())
 
     table: dict[tuple[str, int], float] = {}
     degenerate: dict[tuple[str, int], int] = {}
@@ -214,7 +217,7 @@ def convergence(n_images: int, sample_counts: tuple[int, ...], batch_size: int) 
         for n in sample_counts:
             values = []
             for seed in SEEDS:
-                values += _spearman_per_image(egc_maps(n, sampling, seed), reference)
+                values += _spearman_per_image(egc_maps(n, sampling, seed)[usable], reference[usable])
             valid = [v for v in values if not math.isnan(v)]
             # Degenerate (constant, e.g. all-zero) maps have no ranking: counted, left out of the mean.
             degenerate[(sampling, n)] = len(values) - len(valid)
@@ -226,7 +229,7 @@ def convergence(n_images: int, sample_counts: tuple[int, ...], batch_size: int) 
                 return f"N={n} ({n + 1} fwd/image + {BANK} bank)"
         return f"not reached by N={sample_counts[-1]}"
 
-    runs = n_images * len(SEEDS)
+    runs = n_usable * len(SEEDS)
     lines = [
         "| N | forwards / image | Spearman iid | Spearman stratified | degenerate iid | degenerate stratified |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -247,7 +250,8 @@ def convergence(n_images: int, sample_counts: tuple[int, ...], batch_size: int) 
         "",
         f"Forwards / image = N path points + 1 clean pass; the {BANK} bank images add one pass each per call. "
         f"Degenerate = constant maps (all zero after the ReLU), left out of the means. The reference "
-        f"(N={REFERENCE_N}) took {reference_seconds:.1f} s; {degenerate_ref} of its {n_images} maps are degenerate.",
+        f"(N={REFERENCE_N}) took {reference_seconds:.1f} s; {n_images - n_usable} of its {n_images} maps are "
+        f"degenerate, so those images are left out ({n_usable} images × {len(SEEDS)} seeds per cell).",
     ]
     return lines
 
