@@ -621,7 +621,10 @@ class GAD:
             "boundary, or `shared_trunk=False`."
         )
         try:
-            replay = self._predict(self._ensemble([]), x, feeds, [self._original])[0]
+            # One minibatch is enough to catch a tail that reads another trunk value; it keeps refreshes cheap.
+            n = min(x.shape[0], self.fit_batch_size)
+            replay = self._predict(self._ensemble([]), x[:n], feeds[:n], [self._original])[0]
+            logits = logits[:n]
         except RuntimeError as err:
             raise ValueError(
                 f"the tail after `split={self._plan.split!r}` is not self-contained: it fails on the cached split "
