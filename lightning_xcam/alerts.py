@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from lightning_xcam._checks import Targets, check_images, resolve_targets
 from lightning_xcam.maps import degenerate, pool, unit_mass, upsample
-from lightning_xcam.methods._guard import _model_device, explanation_context, fresh_input
+from lightning_xcam.methods._guard import model_device, explanation_context, fresh_input
 from lightning_xcam.metrics._perturb import Substrate, check_max_batch, chunked_scores, make_substrate
 
 __all__ = [
@@ -828,7 +828,7 @@ def region_reliance(
     check_max_batch(max_batch)
     rows_per_image = 1 + n_random
     with explanation_context(model):
-        device = _model_device(model)
+        device = model_device(model)
         images = fresh_input(x, device=device)
         generator = generator or _default_generator(device)
         with torch.inference_mode():

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
-__all__ = ["explanation_context", "fresh_input"]
+__all__ = ["explanation_context", "fresh_input", "model_device"]
 
 # Per-module hook dictionaries that explanation code could register into (by handle) and must leave clean.
 _MODULE_HOOK_DICTS = (
@@ -98,7 +98,8 @@ def _preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (else buffer); CPU for a model with neither."""
     tensor = next(model.parameters(), None)
     if tensor is None:
         tensor = next(model.buffers(), None)
@@ -129,7 +130,7 @@ def explanation_context(model: nn.Module) -> Iterator[nn.Module]:
         True
     """
     snapshot = _ModelSnapshot.take(model)
-    device = _model_device(model)
+    device = model_device(model)
     with ExitStack() as stack:
         stack.callback(snapshot.restore)
         stack.enter_context(_preserved_rng())

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lightning_xcam._checks import Targets, check_images, resolve_targets, targets_tensor
 from lightning_xcam.maps import OutputSize, resolve_output_size, upsample
-from lightning_xcam.methods._guard import explanation_context, fresh_input
+from lightning_xcam.methods._guard import explanation_context, fresh_input, model_device
 from lightning_xcam.methods.layers import LayerSpec, resolve_layer
 
 __all__ = ["GradCAM", "IntegratedGradCAM", "ExpectedGradCAM", "CAMResult"]
@@ -51,13 +51,6 @@ def _chunks(total: int, batch_size: int | None) -> Iterator[slice]:
     step = total if batch_size is None else batch_size
     for start in range(0, total, max(step, 1)):
         yield slice(start, min(start + step, total))
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _item_seed(seed: int, sample_id: int, stream: int) -> int:
@@ -236,7 +229,7 @@ class _CAM:
         """Maps, channel weights and targets of ``x`` (see :meth:`__call__` for the arguments)."""
         check_images(x)
         with explanation_context(self.model):
-            x = fresh_input(x, _model_device(self.model))
+            x = fresh_input(x, model_device(self.model))
             probe = _LayerProbe(self.model, [self.layer(x)])
             return self.run(probe, x, targets, sample_ids, stream)
 

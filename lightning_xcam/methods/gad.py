@@ -51,7 +51,7 @@ from lightning_xcam.methods.cam import (
     IntegratedGradCAM,
     _CAM,
     _LayerProbe,
-    _model_device,
+    model_device,
 )
 from lightning_xcam.methods.input_gradients import INPUT_GRADIENT_METHODS, InputGradients
 from lightning_xcam.methods.layers import LayerSpec, resolve_layer
@@ -541,7 +541,7 @@ class GAD:
         """
         check_images(x_fit, "x_fit")
         with explanation_context(self.model):
-            device = _model_device(self.model)
+            device = model_device(self.model)
             x = fresh_input(x_fit, device)
             if self._layer_name is None:
                 self._layer_name = resolve_layer(self.model, None, x)[0]
@@ -820,7 +820,7 @@ class GAD:
         check_images(x)
         members = [s.head for s in self._supports if s.active]
         with explanation_context(self.model):
-            x = fresh_input(x, _model_device(self.model))
+            x = fresh_input(x, model_device(self.model))
             self._note_stale()
             ensemble = self._ensemble(members)  # type: ignore[arg-type]
             if isinstance(self._base, InputGradients):

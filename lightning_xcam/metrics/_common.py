@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from lightning_xcam._checks import Targets, check_images, check_maps, resolve_targets
 from lightning_xcam.maps import upsample
-from lightning_xcam.methods._guard import _model_device, fresh_input
+from lightning_xcam.methods._guard import model_device, fresh_input
 
 __all__ = [
     "Clean",
@@ -199,7 +199,7 @@ def clean_pass(
     """
     check_images(x)
     maps = check_maps(maps, x, nonnegative=nonnegative)
-    device = _model_device(model)
+    device = model_device(model)
     x = fresh_input(x, device=device)
     with torch.inference_mode():
         logits = model(x).float()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_xcam._checks import check_images
-from lightning_xcam.methods._guard import _model_device, explanation_context, fresh_input
+from lightning_xcam.methods._guard import model_device, explanation_context, fresh_input
 
 __all__ = ["SUBSTRATES", "Substrate", "blur_kernel", "make_substrate", "target_probabilities", "check_max_batch"]
 
@@ -215,7 +215,7 @@ def target_probabilities(
     if targets.shape != (num_rows,):
         raise ValueError(f"`targets` must have shape [{num_rows}] (one class per row), got {tuple(targets.shape)}.")
     with explanation_context(model):
-        device = _model_device(model)
+        device = model_device(model)
         rows = fresh_input(inputs, device=device)
         return chunked_scores(model, num_rows, lambda a, b: rows[a:b], targets.to(device).long(), max_batch, softmax)
 

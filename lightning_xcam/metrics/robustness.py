@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xcam._checks import Targets, check_images, resolve_targets
-from lightning_xcam.methods._guard import _model_device, explanation_context, fresh_input
+from lightning_xcam.methods._guard import model_device, explanation_context, fresh_input
 from lightning_xcam.metrics._common import Result, check_positive_int, check_sample_ids, finish, item_noise
 from lightning_xcam.metrics._perturb import check_max_batch
 
@@ -55,7 +55,7 @@ def _resolve(targets: Targets, x: Tensor, model: nn.Module | None) -> Tensor | N
         high = int(targets.max()) + 1 if isinstance(targets, Tensor) and targets.numel() else 1
         return resolve_targets(targets, x.new_zeros(x.shape[0], max(high, 1)))
     with explanation_context(model):
-        clean = fresh_input(x, device=_model_device(model))
+        clean = fresh_input(x, device=model_device(model))
         with torch.inference_mode():
             logits = model(clean).float()
         return resolve_targets(targets, logits.clone()).to(x.device)
