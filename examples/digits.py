@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_xcam import ExplanationMonitor
-from lightning_xcam.demos import digits_classifier, digits_datamodule
+from lightning_xcam.demos import DigitsClassifier, DigitsDataModule
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     monitor = ExplanationMonitor(target_layer="net.features", methods=args.methods, num_probe=16, n_samples=8)
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=logger, callbacks=[monitor],
                          enable_model_summary=False)
-    trainer.fit(digits_classifier(), datamodule=digits_datamodule())
+    trainer.fit(DigitsClassifier(), datamodule=DigitsDataModule())
 
     last = monitor.history[-1]
     print("\nlast evaluation:")

@@ -7,11 +7,13 @@ they live in *model-input space*.
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["load_digits_tensors", "SmallCNN", "add_decoy_tags", "load_lfw_tensors"]
+__all__ = ["load_digits_tensors", "SmallCNN", "DigitsClassifier", "DigitsDataModule", "add_decoy_tags", "load_lfw_tensors"]
 
 
 def load_digits_tensors(size: int = 32) -> tuple[Tensor, Tensor]:
@@ -183,56 +185,61 @@ def load_lfw_tensors(size: int = 25) -> tuple[Tensor, Tensor]:
     return images, labels
 
 
-def digits_datamodule(size: int = 32, num_train: int = 1200, batch_size: int = 64, seed: int = 0):  # noqa: ANN201
-    """A ``LightningDataModule`` over the real digits: the first ``num_train`` (shuffled once with
-    ``seed``) for training, the rest for validation."""
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader, TensorDataset
+class DigitsDataModule(pl.LightningDataModule):
+    """The real digits: the first ``num_train`` (shuffled once with ``seed``) for training, the rest for validation.
 
-    images, labels = load_digits_tensors(size)
-    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
-    train, val = order[:num_train], order[num_train:]
+    Args:
+        size: Side of the upsampled images.
+        num_train: Training images; the remaining ones validate.
+        batch_size: Loader batch size.
+        seed: Seed of the one-off split.
+    """
 
-    class DigitsDataModule(pl.LightningDataModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.train_set = TensorDataset(images[train], labels[train])
-            self.val_set = TensorDataset(images[val], labels[val])
+    def __init__(self, size: int = 32, num_train: int = 1200, batch_size: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        images, labels = load_digits_tensors(size)
+        order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+        train, val = order[:num_train], order[num_train:]
+        self.batch_size = batch_size
+        self.train_set = TensorDataset(images[train], labels[train])
+        self.val_set = TensorDataset(images[val], labels[val])
 
-        def train_dataloader(self) -> DataLoader:
-            return DataLoader(self.train_set, batch_size=batch_size, shuffle=True)
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
 
-        def val_dataloader(self) -> DataLoader:
-            return DataLoader(self.val_set, batch_size=batch_size)
-
-    return DigitsDataModule()
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size)
 
 
-def digits_classifier(width: int = 16, lr: float = 0.05):  # noqa: ANN201
-    """A ``LightningModule`` wrapping :class:`SmallCNN` (CAM layer ``"net.features"``), SGD with momentum."""
-    import lightning.pytorch as pl
+class DigitsClassifier(pl.LightningModule):
+    """A ``LightningModule`` wrapping :class:`SmallCNN` (CAM layer ``"net.features"``), SGD with momentum.
 
-    class DigitsClassifier(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = SmallCNN(in_channels=1, num_classes=10, width=width)
+    Module-level (not built inside a function) so that ``ddp_spawn`` can pickle it.
 
-        def forward(self, x: Tensor) -> Tensor:
-            return self.net(x)
+    Args:
+        width: Channels of the first conv block.
+        lr: SGD learning rate.
+    """
 
-        def training_step(self, batch: tuple[Tensor, Tensor], _index: int) -> Tensor:
-            x, y = batch
-            loss = F.cross_entropy(self(x), y)
-            self.log("train_loss", loss)
-            return loss
+    def __init__(self, width: int = 16, lr: float = 0.05) -> None:
+        super().__init__()
+        self.net = SmallCNN(in_channels=1, num_classes=10, width=width)
+        self.lr = lr
 
-        def validation_step(self, batch: tuple[Tensor, Tensor], _index: int) -> None:
-            x, y = batch
-            logits = self(x)
-            self.log("val_loss", F.cross_entropy(logits, y))
-            self.log("val_acc", (logits.argmax(1) == y).float().mean())
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
 
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9)
+    def training_step(self, batch: tuple[Tensor, Tensor], _index: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
 
-    return DigitsClassifier()
+    def validation_step(self, batch: tuple[Tensor, Tensor], _index: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)

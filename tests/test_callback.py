@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xcam import ExplanationMonitor
-from lightning_xcam.demos import digits_classifier, load_digits_tensors
+from lightning_xcam.demos import DigitsClassifier, load_digits_tensors
 from lightning_xcam.store import ExplanationStore
 
 FAST = dict(methods=("expected_gradcam",), num_probe=6, n_samples=3, num_references=8, num_fit=48, floor_size=3, steps=4, n_perturb=3,
@@ -24,7 +24,7 @@ FAST = dict(methods=("expected_gradcam",), num_probe=6, n_samples=3, num_referen
 
 
 def DigitsModule() -> pl.LightningModule:  # noqa: N802 - reads like the class it builds
-    return digits_classifier(width=8)
+    return DigitsClassifier(width=8)
 
 
 class DigitsData(pl.LightningDataModule):
@@ -124,8 +124,6 @@ def test_resume_continues_history_and_store_once_per_epoch(tmp_path: Path) -> No
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn on CPU")
-@pytest.mark.xfail(reason="passed in the dev venv, failed once on a clean clone under heavy CPU load; cause not yet "
-                   "diagnosed (issue 6 note)", strict=False)
 def test_ddp_spawn_explains_every_probe_item_once(tmp_path: Path) -> None:
     store = tmp_path / "xcam.sqlite"
     options = {**FAST, "num_probe": 7}
