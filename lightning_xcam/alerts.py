@@ -60,6 +60,7 @@ __all__ = [
     "top_region",
     "Reliance",
     "region_reliance",
+    "observe",
 ]
 
 ALERT_KINDS = ("spurious_mass", "border", "cluster", "intervention", "drift")
@@ -1117,3 +1118,79 @@ class WarningRule:
             for key, value in state["series"].items()
         }
         self._cusum = {key: float(value) for key, value in state["cusum"].items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# One evaluation's observations
+# --------------------------------------------------------------------------------------------------
+
+
+def observe(
+    model: nn.Module,
+    x: Tensor,
+    maps: Tensor,
+    targets: Tensor,
+    sample_ids: Tensor,
+    *,
+    replicate: Tensor | None = None,
+    replicate_rows: Tensor | None = None,
+    masks: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    max_batch: int | None = 256,
+) -> list[Observation]:
+    """The shortcut signals of one evaluation of a probe set, ready for :meth:`WarningRule.update`.
+
+    Border mass (overall and per class) and, with ``masks``, the area-normalised spurious mass ρ. Each
+    carries the interventional check of the region its maps point at (the top 5 % of the map, or the
+    mask) as ``z`` and the two drops, so the rule confirms before it raises.
+
+    Args:
+        model: Classifier returning ``[N, K]`` logits.
+        x: ``[P, C, H, W]`` probe images in model-input space.
+        maps: ``[P, h, w]`` raw non-negative maps of the probe (main random stream).
+        targets: ``LongTensor [P]`` explained classes.
+        sample_ids: ``LongTensor [P]`` probe-item ids, reported in the observations.
+        replicate: ``[R, h, w]`` maps of the probe rows ``replicate_rows`` on the noise-floor stream.
+        replicate_rows: ``BoolTensor [P]`` rows that have a replicate (``R`` of them).
+        masks: ``[P, H, W]`` boolean suspect regions, or ``None``.
+        generator: Source of the random control positions.
+        max_batch: Most inputs per forward pass.
+
+    Returns:
+        One :class:`Observation` per signal and group.
+
+    Example:
+        >>> rule = WarningRule()
+        >>> alerts = rule.update(epoch, observe(model, x, maps, targets, ids))  # doctest: +SKIP
+    """
+    device = model_device(model)
+    x, targets = x.to(device), targets.to(device)
+    size = (x.shape[-2], x.shape[-1])
+
+    def check(region: Tensor) -> Reliance:
+        return region_reliance(model, x, region.to(device), targets, generator=generator, max_batch=max_batch)
+
+    def means(reliance: Reliance, rows: Tensor) -> dict[str, float]:
+        return {name: float(getattr(reliance, name).cpu()[rows].mean()) for name in ("z", "drop_region", "drop_random")}
+
+    border = border_mass(maps).cpu()
+    replicate_shift = 0.0
+    if replicate is not None and replicate_rows is not None and bool(replicate_rows.any()):
+        rows = replicate_rows.cpu()
+        replicate_shift = float(border_mass(replicate).cpu().mean() - border[rows].mean())
+    top = check(top_region(maps, 0.05, size))
+    masked = rho = None
+    if masks is not None:
+        rho = area_ratio(upsample(maps, size), masks.to(maps.device)).cpu()
+        masked = check(masks)
+    classes = targets.cpu()
+    observations = []
+    for class_index in [None, *sorted(set(classes.tolist()))]:
+        rows = torch.ones_like(classes, dtype=torch.bool) if class_index is None else classes == class_index
+        members = tuple(sample_ids.cpu()[rows].tolist())
+        value = float(border[rows].mean())
+        observations.append(Observation("border", class_index, value, value + replicate_shift, members, **means(top, rows)))
+        if masked is not None and rho is not None:
+            observations.append(Observation("spurious_mass", class_index, float(rho[rows].mean()), None, members,
+                                            **means(masked, rows)))
+    return observations

@@ -30,8 +30,8 @@ from typing_extensions import override
 
 from lightning_xcam import drift as drift_stats
 from lightning_xcam import metrics as xm
-from lightning_xcam.alerts import Alert, Observation, WarningRule, area_ratio, border_mass, region_reliance, top_region
-from lightning_xcam.maps import degenerate, unit_mass, upsample
+from lightning_xcam.alerts import Alert, WarningRule, observe
+from lightning_xcam.maps import degenerate, unit_mass
 from lightning_xcam.methods._guard import explanation_context, fresh_input
 from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM, IntegratedGradCAM, _LayerProbe
 from lightning_xcam.methods.layers import resolve_layer
@@ -474,47 +474,16 @@ class ExplanationMonitor(Callback):
         self, pl_module: pl.LightningModule, epoch: int, total: int,
         maps_by_method: dict[str, Tensor], floors: dict[str, tuple[Tensor, Tensor]],
     ) -> list[Alert]:
-        """Shortcut signals of this evaluation (ALGORITHMS.md §6) fed to the warning rule.
-
-        Signals on the first stochastic method's maps: border mass (overall and per class) and, with
-        masks, the area-normalised spurious mass ρ; each carries the interventional check of the region
-        its maps point at (the top 5 % of the map, or the mask), whose z must confirm before an alert.
-        """
+        """Feed this evaluation's shortcut signals (on the first stochastic method's maps) to the rule."""
         assert self._data is not None
         method = next((m for m in self.methods if m in floors), self.methods[0])
-        maps = maps_by_method[method]
-        x, targets, ids = self._data.x[:total], self._data.targets[:total], self._data.ids[:total]
-        masks = None if self._data.masks is None else self._data.masks[:total]
-        device = pl_module.device
-        generator = torch.Generator(device=device).manual_seed(self.seed)
-        size = (x.shape[-2], x.shape[-1])
-
-        def check(region: Tensor) -> Any:
-            return region_reliance(pl_module, x.to(device), region.to(device), targets.to(device),
-                                   generator=generator, max_batch=self.batch_size)
-
-        border = border_mass(maps)
-        replicate_shift = 0.0
-        if method in floors:
-            replicate, flag = floors[method]
-            replicate_shift = float(border_mass(replicate[flag]).mean() - border[flag].mean())
-        top = check(top_region(maps, 0.05, size))
-        observations = []
-        for class_index in [None, *sorted(set(targets.tolist()))]:
-            rows = torch.ones_like(targets, dtype=torch.bool) if class_index is None else targets == class_index
-            confirm = dict(z=float(top.z.cpu()[rows].mean()), drop_region=float(top.drop_region.cpu()[rows].mean()),
-                           drop_random=float(top.drop_random.cpu()[rows].mean()))
-            value = float(border[rows].mean())
-            observations.append(Observation("border", class_index, value, value + replicate_shift,
-                                            tuple(ids[rows].tolist()), **confirm))
-            if masks is not None:
-                rho = area_ratio(upsample(maps, size), masks)
-                masked = check(masks)
-                observations.append(Observation(
-                    "spurious_mass", class_index, float(rho[rows].mean()), None, tuple(ids[rows].tolist()),
-                    z=float(masked.z.cpu()[rows].mean()), drop_region=float(masked.drop_region.cpu()[rows].mean()),
-                    drop_random=float(masked.drop_random.cpu()[rows].mean()),
-                ))
+        replicate, rows = floors.get(method, (None, None))
+        observations = observe(
+            pl_module, self._data.x[:total], maps_by_method[method], self._data.targets[:total], self._data.ids[:total],
+            replicate=None if replicate is None else replicate[rows], replicate_rows=rows,
+            masks=None if self._data.masks is None else self._data.masks[:total],
+            generator=torch.Generator(device=pl_module.device).manual_seed(self.seed), max_batch=self.batch_size,
+        )
         alerts = self.shortcuts.update(epoch, observations)
         for alert in alerts:
             rank_zero_warn(f"ExplanationMonitor: {alert.message}", category=UserWarning)
