@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -136,6 +139,50 @@ def test_ddp_spawn_explains_every_probe_item_once(tmp_path: Path) -> None:
         assert len(rows) == 7
         assert db.maps("expected_gradcam", 0).shape[0] == 7
     assert "xcam/expected_gradcam/insertion_auc" in trainer.callback_metrics
+
+
+_KILLED_FIT = textwrap.dedent("""
+    import os, signal, sys
+    import lightning.pytorch as pl
+    sys.path.insert(0, {tests!r})
+    from test_callback import FAST, DigitsData, DigitsModule, _trainer
+    from lightning_xcam import ExplanationMonitor
+    from lightning_xcam.store import ExplanationStore
+
+    write, insert = ExplanationStore.write_evaluation, ExplanationStore._insert
+    state = {{"epoch": -1, "inserts": 0}}
+
+    def write_evaluation(self, epoch, *args, **kwargs):
+        state["epoch"] = epoch
+        return write(self, epoch, *args, **kwargs)
+
+    def killing_insert(self, *args):
+        insert(self, *args)
+        if state["epoch"] == 2:
+            state["inserts"] += 1
+            if state["inserts"] == 2:  # inside the open transaction of epoch 2, rows half written
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    ExplanationStore.write_evaluation, ExplanationStore._insert = write_evaluation, killing_insert
+    pl.seed_everything(3)
+    monitor = ExplanationMonitor(target_layer="net.features", store={store!r}, **FAST)
+    _trainer(__import__("pathlib").Path({root!r}), [monitor], max_epochs=4).fit(DigitsModule(), datamodule=DigitsData())
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_store_survives_a_process_killed_mid_evaluation(tmp_path: Path) -> None:
+    store = tmp_path / "xcam.sqlite"
+    script = _KILLED_FIT.format(tests=str(Path(__file__).parent), store=str(store), root=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    with ExplanationStore(store, run="version_0", create=False) as db:
+        assert db.epochs() == [0, 1]  # epoch 2 was in flight: none of its rows, earlier ones intact
+        rows = db.metrics(method="expected_gradcam", metric="insertion_auc")
+        assert sorted({r["epoch"] for r in rows}) == [0, 1] and len(rows) == 2 * 6
+        assert db.maps("expected_gradcam", 1).shape == (6, 16, 16)
+        assert not [r for r in db.drift() if r["epoch"] >= 2]
 
 
 @pytest.mark.parametrize(
