@@ -1,0 +1,234 @@
+"""The ``lightning-xcam`` command: read what :class:`~lightning_xcam.ExplanationMonitor` stored during a fit.
+
+Usage::
+
+    lightning-xcam report RUN [--run NAME] [--html OUT] [--csv OUT] [--cmap {turbo,viridis}]
+
+``RUN`` is a store file (``xcam.sqlite``) or a log directory searched for one (e.g.
+``lightning_logs/version_0``). The command prints one table per method with a row per evaluated epoch
+(insertion and deletion AUC, infidelity, max-sensitivity, Spearman drift against the previous
+evaluation and that drift in noise-floor units, where recorded), then the shortcut alerts. ``--html``
+writes a self-contained page (charts, heatmap grids, alerts with the flagged items' maps, the run's
+configuration) that needs no network; ``--csv`` writes every per-epoch scalar, one row per
+``epoch × method``. The store is only read, never modified.
+
+A path that does not lead to exactly one readable store, or a run that is not in it, ends with one line
+``lightning-xcam: error: ...`` on stderr and exit code 2; a report that cannot be written exits with 1.
+
+Example:
+    >>> main(["report", "lightning_logs/version_0", "--html", "report.html"])  # doctest: +SKIP
+    0
+
+    From a shell::
+
+        lightning-xcam report lightning_logs/version_0 --html report.html --csv report.csv
+        python -m lightning_xcam.cli report lightning_logs/version_0/xcam.sqlite --run version_1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from pathlib import Path
+
+from lightning_xcam import __version__
+from lightning_xcam.render import COLORMAPS
+from lightning_xcam.store import DEFAULT_FILENAME, ExplanationStore, StoreFormatError, find_stores
+
+__all__ = ["main", "build_parser", "CliError"]
+
+_PROG = "lightning-xcam"
+_USAGE_HINT = (
+    f"pass a store file ({DEFAULT_FILENAME}) or the log directory of a run trained with ExplanationMonitor"
+)
+_MAX_LISTED = 6
+
+
+class CliError(Exception):
+    """A problem with the command's input, reported as one line on stderr.
+
+    Args:
+        message: What was wrong and what would work.
+        code: The exit code (2 for bad input, 1 for a report that could not be written).
+    """
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: a ``report`` subcommand (room for more).
+
+    Returns:
+        The parser; ``parse_args`` gives ``command`` and the subcommand's options.
+
+    Example:
+        >>> build_parser().parse_args(["report", "logs", "--csv", "out.csv"]).csv
+        'out.csv'
+    """
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Read the explanation history that ExplanationMonitor stored during training.",
+        epilog=f"Run '{_PROG} report --help' for the report's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    report = commands.add_parser(
+        "report",
+        help="print the per-epoch metrics, drift and alerts of a run; optionally write HTML or CSV",
+        description=(
+            "Print one table per explanation method with a row per evaluated epoch (insertion/deletion AUC, "
+            "infidelity, max-sensitivity, Spearman drift vs the previous evaluation and in noise-floor "
+            "units), then the shortcut alerts. The store is only read."
+        ),
+        epilog=(
+            "examples:\n"
+            f"  {_PROG} report lightning_logs/version_0\n"
+            f"  {_PROG} report lightning_logs/version_0/xcam.sqlite --html report.html --csv report.csv\n"
+            f"  {_PROG} report shared_xcam.sqlite --run version_3"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument(
+        "path", metavar="RUN",
+        help=f"a store file ({DEFAULT_FILENAME}) or a log directory holding one (searched recursively)",
+    )
+    report.add_argument("--run", metavar="NAME", help="the run inside the store (needed when it holds several)")
+    report.add_argument("--html", metavar="OUT", help="write a self-contained HTML page (charts, heatmaps, alerts)")
+    report.add_argument("--csv", metavar="OUT", help="write the per-epoch scalars, one row per epoch x method")
+    report.add_argument(
+        "--cmap", choices=COLORMAPS, default="turbo", help="heatmap colormap of --html (default: turbo)"
+    )
+    return parser
+
+
+def _listing(paths: Sequence[object]) -> str:
+    shown = ", ".join(str(p) for p in paths[:_MAX_LISTED])
+    return shown + (f", ... ({len(paths) - _MAX_LISTED} more)" if len(paths) > _MAX_LISTED else "")
+
+
+def _resolve_store(path: Path) -> Path:
+    """The one store file at ``path`` (a file or a directory searched recursively)."""
+    try:
+        found = find_stores(path)
+    except FileNotFoundError:
+        raise CliError(f"no such file or directory: '{path}'; {_USAGE_HINT}.") from None
+    if not found:
+        raise CliError(
+            f"no {DEFAULT_FILENAME} under directory '{path}'; {_USAGE_HINT} "
+            "(the monitor writes <log_dir>/xcam.sqlite unless store=False)."
+        )
+    if len(found) > 1:
+        names = [p.relative_to(path) for p in found]
+        raise CliError(f"'{path}' holds {len(found)} stores ({_listing(names)}); pass one of them as RUN.")
+    store = found[0]
+    if store.stat().st_size == 0:
+        raise CliError(f"'{store}' is an empty file, not a lightning_xcam store; {_USAGE_HINT}.")
+    if not _has_tables(store):
+        # ExplanationStore would lay out its schema in an empty database: refuse before it writes anything.
+        raise CliError(f"'{store}' is an empty SQLite database, not a lightning_xcam store; {_USAGE_HINT}.")
+    return store
+
+
+def _has_tables(path: Path) -> bool:
+    """Whether an SQLite file holds any table, read through a read-only connection (``True`` if unreadable)."""
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            return conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
+    except sqlite3.Error:
+        return True  # not a database, or not readable: ExplanationStore names the problem
+
+
+def _choose_run(store: ExplanationStore, wanted: str | None) -> str:
+    names = [r["run"] for r in store.runs()]
+    if not names:
+        raise CliError(f"'{store.path}' holds no run yet; train with ExplanationMonitor first.")
+    if wanted is not None:
+        if wanted not in names:
+            raise CliError(
+                f"run '{wanted}' is not in '{store.path}'; its runs: {_listing(names)}; pass one with --run."
+            )
+        return wanted
+    if len(names) > 1:
+        raise CliError(f"'{store.path}' holds {len(names)} runs ({_listing(names)}); choose one with --run NAME.")
+    return names[0]
+
+
+def _read_failure(path: Path, err: Exception) -> str:
+    if isinstance(err, StoreFormatError):
+        return str(err)
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return f"could not read '{path}' ({reason}); {_USAGE_HINT}."
+
+
+def _write(out: str, option: str, write: Callable[[str], object]) -> None:
+    try:
+        write(out)
+    except OSError as err:
+        raise CliError(f"cannot write the {option} file '{out}': {err.strerror or err}.", code=1) from None
+    print(f"wrote {out}")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lightning_xcam import report as rep  # torch-heavy; imported only when a report is made
+
+    path = _resolve_store(Path(args.path))
+    try:
+        store = ExplanationStore(path, create=False)
+    except (StoreFormatError, OSError, sqlite3.Error) as err:
+        raise CliError(_read_failure(path, err)) from None
+    with store:
+        try:
+            run = _choose_run(store, args.run)
+            report = rep.load_report(store, run)
+            page = rep.render_html(report, store, args.cmap) if args.html else None
+        except sqlite3.Error as err:
+            raise CliError(_read_failure(path, err)) from None
+    sys.stdout.write(rep.format_text(report))
+    if page is not None:
+        _write(args.html, "--html", lambda out: Path(out).write_text(page, encoding="utf-8"))
+    if args.csv is not None:
+        _write(args.csv, "--csv", lambda out: rep.write_csv(report, out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line.
+
+    Args:
+        argv: Arguments without the program name; ``None`` = ``sys.argv[1:]``.
+
+    Returns:
+        The exit code: 0 on success, 2 on bad input (usage, path, store or run), 1 when an output file
+        cannot be written. Errors are one line ``lightning-xcam: error: ...`` on stderr, never a traceback.
+
+    Example:
+        >>> main(["report", "lightning_logs/version_0", "--csv", "xcam.csv"])  # doctest: +SKIP
+        0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version and usage errors (argparse already printed)
+        return exit_.code if isinstance(exit_.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return _report(args)
+    except CliError as err:
+        print(f"{_PROG}: error: {err}", file=sys.stderr)
+        return err.code
+    except BrokenPipeError:
+        # stdout closed early (`lightning-xcam report ... | head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
