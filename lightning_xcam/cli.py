@@ -36,6 +36,7 @@ from contextlib import closing
 from pathlib import Path
 
 from lightning_xcam import __version__
+from lightning_xcam import report as rep
 from lightning_xcam.render import COLORMAPS
 from lightning_xcam.store import DEFAULT_FILENAME, ExplanationStore, StoreFormatError, find_stores
 
@@ -175,8 +176,6 @@ def _write(out: str, option: str, write: Callable[[str], object]) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lightning_xcam import report as rep  # torch-heavy; imported only when a report is made
-
     path = _resolve_store(Path(args.path))
     try:
         store = ExplanationStore(path, create=False)
