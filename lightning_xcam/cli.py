@@ -82,10 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report",
         help="print the per-epoch metrics, drift and alerts of a run; optionally write HTML or CSV",
-        description=(
-            "Print one table per explanation method with a row per evaluated epoch (insertion/deletion AUC, "
-            "infidelity, max-sensitivity, Spearman drift vs the previous evaluation and in noise-floor "
-            "units), then the shortcut alerts. The store is only read."
+        description=(  # line breaks kept by RawDescriptionHelpFormatter (for the examples below)
+            "Print one table per explanation method with a row per evaluated epoch (insertion and\n"
+            "deletion AUC, infidelity, max-sensitivity, Spearman drift vs the previous evaluation and\n"
+            "in noise-floor units), then the shortcut alerts. The store is only read, never modified."
         ),
         epilog=(
             "examples:\n"
@@ -115,10 +115,12 @@ def _listing(paths: Sequence[object]) -> str:
 
 def _resolve_store(path: Path) -> Path:
     """The one store file at ``path`` (a file or a directory searched recursively)."""
+    if not path.exists():
+        raise CliError(f"no such file or directory: '{path}'; {_USAGE_HINT}.")
     try:
         found = find_stores(path)
-    except FileNotFoundError:
-        raise CliError(f"no such file or directory: '{path}'; {_USAGE_HINT}.") from None
+    except OSError as err:  # e.g. an unreadable subdirectory, or a file deleted while the tree is walked
+        raise CliError(f"could not search '{path}' ({err}); pass the {DEFAULT_FILENAME} file itself.") from None
     if not found:
         raise CliError(
             f"no {DEFAULT_FILENAME} under directory '{path}'; {_USAGE_HINT} "
