@@ -22,7 +22,6 @@ import zlib
 
 import torch
 from torch import Tensor
-from torchvision.utils import make_grid
 
 from lightning_xcam._checks import check_images, check_maps
 from lightning_xcam.maps import display_normalize, upsample
@@ -228,6 +227,8 @@ def grid(images: Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0
         raise ValueError(f"`nrow` must be a positive int, got {nrow!r}.")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"`padding` must be a non-negative int, got {padding!r}.")
+    from torchvision.utils import make_grid  # deferred: torchvision costs a second at import (CLI start-up)
+
     return make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
 
 

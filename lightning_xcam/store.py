@@ -41,6 +41,7 @@ import dataclasses
 import enum
 import json
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -117,7 +118,8 @@ def find_stores(path: str | Path) -> list[Path]:
     if not path.exists():
         raise FileNotFoundError(f"No such file or directory: '{path}'.")
     if path.is_dir():
-        return sorted(path.rglob(DEFAULT_FILENAME))
+        # os.walk skips what vanishes mid-search (a busy /tmp); Path.rglob raises on it
+        return sorted(Path(root) / DEFAULT_FILENAME for root, _, files in os.walk(path) if DEFAULT_FILENAME in files)
     return [path]
 
 
