@@ -61,12 +61,14 @@ __all__ = [
     "Reliance",
     "region_reliance",
     "observe",
+    "evidence_image",
 ]
 
 ALERT_KINDS = ("spurious_mass", "border", "cluster", "intervention", "drift")
 
 _FOCUS_GRID = 16  # concentration is measured at 16×16 (ALGORITHMS §6.2)
 _SPECTRAL_GRID = 32  # SpRAy distances at 32×32 (ALGORITHMS §6.2)
+_Z_FLOOR = 1e-3  # smallest standard error of a mean paired gap in p(class) taken seriously
 
 
 # --------------------------------------------------------------------------------------------------
@@ -929,9 +931,12 @@ class WarningRule:
       min_sigma)``. ``min_sigma`` (in the signal's units) keeps σ̂ positive and is the smallest change
       taken seriously: deterministic explainers (Grad-CAM) have a zero replicate floor;
     * rise ``(S_t − S_{t−1})/σ̂ > z_rise`` for ``patience`` consecutive evaluations makes the signal
-      *pending*, provided the level is abnormal: ``ρ > level`` (``spurious_mass``), ``z >= confirm_z``
-      (``intervention``), else ``S_t`` above its first-evaluation value by more than ``z_rise`` σ̂
-      (``border``, ``cluster``);
+      *pending*, provided the level is abnormal: ``ρ > level`` (``spurious_mass``), else ``S_t`` above its
+      first-evaluation value by more than ``z_rise`` σ̂ (``border``, ``cluster``);
+    * ``intervention`` observations carry a reliance z, already measured in units of their own floor (the
+      equal-area random controls of the same evaluation): they become pending after ``patience``
+      consecutive *confirmed* evaluations (``z >= confirm_z`` and gap ``>= min_drop``), with no rise
+      needed, so a shortcut learned within the first epoch still warns;
     * a pending signal raises an :class:`Alert` when its interventional check (if supplied, ``z``)
       reaches ``confirm_z`` and, when the drops are supplied too, ``drop_region − drop_random >= min_drop``
       (z alone is ill-conditioned when the model is unsure and every drop is ~0); it stays pending while
@@ -944,9 +949,15 @@ class WarningRule:
     CUSUM ``C_t = max(0, C_{t−1} + (ũ_t − 1) − cusum_slack)`` (§5.5) that raises an *informational*
     ``drift`` alert when ``C_t > cusum_limit`` and then restarts from 0.
 
+    Defaults (one configuration, measured by ``benchmarks/shortcuts.py``): ``z`` is the paired reliance of
+    :func:`observe` (a t-statistic over probe items, not ALGORITHMS §6.3's per-item mean, hence 2.5 rather
+    than 3); ``min_drop = 0.1`` because a faithful map of a clean but unsure model already costs more when
+    its own top region is filled than random regions do (gaps up to ~0.06 were measured on clean twins),
+    while real tag reliance costs 0.15–0.45.
+
     Args:
         z_rise: Rise threshold in noise-floor units.
-        patience: Consecutive rising evaluations required.
+        patience: Consecutive rising (``intervention``: confirmed) evaluations required.
         level: Abnormal ρ for ``spurious_mass``.
         confirm_z: Reliance z that confirms (and abnormal level for ``intervention``).
         min_drop: Smallest confirming gap ``drop_region − drop_random`` in probability.
@@ -968,8 +979,8 @@ class WarningRule:
         z_rise: float = 2.0,
         patience: int = 2,
         level: float = 1.5,
-        confirm_z: float = 3.0,
-        min_drop: float = 0.05,
+        confirm_z: float = 2.5,
+        min_drop: float = 0.1,
         floor_window: int = 5,
         min_sigma: float = 1e-2,
         cusum_slack: float = 0.5,
@@ -1031,18 +1042,25 @@ class WarningRule:
         sigma = max(math.sqrt(sum(series.floor) / len(series.floor)) if series.floor else 0.0, self.min_sigma)
         rise = 0.0 if series.last is None else (obs.value - series.last) / sigma
         series.last = obs.value
-        series.streak = series.streak + 1 if rise > self.z_rise else 0
         threshold = self._threshold(obs.kind, series, sigma)
-        abnormal = obs.value > threshold if obs.kind != "intervention" else obs.value >= threshold
+        confirmed = obs.z is None or obs.z >= self.confirm_z
+        if obs.z is not None and obs.drop_region is not None and obs.drop_random is not None:
+            confirmed = confirmed and obs.drop_region - obs.drop_random >= self.min_drop
+        if obs.kind == "intervention":
+            # z is already in units of its own floor (the equal-area random controls of this evaluation), so the
+            # streak counts evaluations at a confirmed abnormal level; a reliance present from the first
+            # evaluation on (a shortcut learned within one epoch) still warns.
+            abnormal = obs.value >= threshold and confirmed
+            series.streak = series.streak + 1 if abnormal else 0
+        else:
+            abnormal = obs.value > threshold
+            series.streak = series.streak + 1 if rise > self.z_rise else 0
         if not abnormal:
             series.pending = False
             if not obs.flagged:
                 series.armed = True
         elif series.streak >= self.patience:
             series.pending = True
-        confirmed = obs.z is None or obs.z >= self.confirm_z
-        if obs.z is not None and obs.drop_region is not None and obs.drop_random is not None:
-            confirmed = confirmed and obs.drop_region - obs.drop_random >= self.min_drop
         if not (series.armed and confirmed and (series.pending or obs.flagged)):
             return None
         series.armed = False
@@ -1079,7 +1097,8 @@ class WarningRule:
         if obs.kind == "border":
             return f"{who} explanations concentrate on the image border (border mass {obs.value:.2f}, {since})"
         if obs.kind == "intervention":
-            return f"{who} relies on a tiny region (reliance z {obs.value:.1f} >= {threshold:g}, {since})"
+            return (f"{who} relies on a tiny region of the input (paired reliance z {obs.value:.1f} >= {threshold:g} "
+                    f"at {series.streak} consecutive evaluations)")
         if obs.flagged:
             return f"{who} explanations form a flagged cluster (spectral clustering; focus {obs.value:.2f})"
         return f"{who} explanations concentrate on one location across images (focus {obs.value:.2f}, {since})"
@@ -1125,6 +1144,39 @@ class WarningRule:
 # --------------------------------------------------------------------------------------------------
 
 
+def _pooled(reliance: Reliance, rows: Tensor) -> dict[str, float]:
+    """Mean drops and the paired reliance z of a group of probe items (see :func:`observe`)."""
+    gap = (reliance.drop_region - reliance.drop_random.mean(dim=1)).cpu()[rows].double()
+    spread = float(gap.std()) if gap.numel() > 1 else 0.0
+    z = float(gap.mean()) / max(spread / math.sqrt(gap.numel()), _Z_FLOOR)
+    return {
+        "z": z,
+        "drop_region": float(reliance.drop_region.cpu()[rows].mean()),
+        "drop_random": float(reliance.drop_random.cpu()[rows].mean()),
+    }
+
+
+def _telling(reliance: Reliance, rows: Tensor, sample_ids: Tensor) -> tuple[int, ...]:
+    """The group's probe ids, the items whose region matters most (largest paired gap) first."""
+    gap = (reliance.drop_region - reliance.drop_random.mean(dim=1)).cpu()
+    index = rows.nonzero().flatten()
+    order = gap[index].argsort(descending=True, stable=True)
+    return tuple(sample_ids.cpu()[index[order]].tolist())
+
+
+def _cluster_regions(maps: Tensor, clusters: SpectralClusters, fraction: float, size: tuple[int, int]) -> Tensor:
+    """Per item, the top ``fraction`` of its cluster's mean (unit-mass) map; an empty region if unclustered."""
+    assign = clusters.assignments
+    count = int(clusters.size.numel())
+    mass = unit_mass(maps)
+    clustered = assign >= 0
+    means = torch.zeros(max(count, 1), *maps.shape[1:], device=maps.device)
+    means.index_add_(0, assign[clustered], mass[clustered])
+    means = means / clusters.size.clamp_min(1).to(maps.device, torch.float32).view(-1, 1, 1)[: means.shape[0]]
+    region = top_region(means, fraction, size)[assign.clamp_min(0)]
+    return region & clustered.view(-1, 1, 1)
+
+
 def observe(
     model: nn.Module,
     x: Tensor,
@@ -1137,12 +1189,33 @@ def observe(
     masks: Tensor | None = None,
     generator: torch.Generator | None = None,
     max_batch: int | None = 256,
+    top_fraction: float = 0.05,
+    min_group: int = 4,
+    min_cluster_maps: int = 16,
 ) -> list[Observation]:
     """The shortcut signals of one evaluation of a probe set, ready for :meth:`WarningRule.update`.
 
-    Border mass (overall and per class) and, with ``masks``, the area-normalised spurious mass ρ. Each
-    carries the interventional check of the region its maps point at (the top 5 % of the map, or the
-    mask) as ``z`` and the two drops, so the rule confirms before it raises.
+    Every signal comes with its interventional check (§6.3): the region its maps point at is filled with
+    the RISE blur and the drop of ``p(class)`` is compared with the same shape at 8 random positions. For a
+    group of ``n`` items with paired gaps ``g_i = Δp_R,i − mean_r Δp_rand,i,r`` the check reports the two
+    mean drops and the *paired* reliance ``z = mean(g) / max(sd(g)/√n, 1e-3)`` (a t-statistic over items;
+    a per-item mean of z explodes when an item's random drops are all ~0).
+
+    Signals (overall, class ``None``, and per explained class with at least ``min_group`` items):
+
+    * ``border``: mean border mass, its replicate shift from ``replicate``; check on each item's top
+      ``top_fraction`` region.
+    * ``intervention`` (tiny-region reliance): value = the paired z of each item's top ``top_fraction``
+      region; ``sample_indices`` put the items whose region matters most first.
+    * ``cluster`` (overall only): SpRAy-style :func:`spectral_clusters` of all probe maps (one partition,
+      purity against the explained classes) when there are at least ``min_cluster_maps`` valid maps. The
+      reported cluster is the most focused flagged cluster, else the most focused one; value = its
+      same-location focus, ``flagged`` = a SpRAy flag, check on the top ``top_fraction`` of the cluster's
+      mean map applied to its members.
+    * ``spurious_mass`` (with ``masks``): mean ρ, check on the mask.
+
+    Cost: ``2·P·9`` forwards (top regions and cluster regions; ``3·P·9`` with masks) and one eigen-
+    decomposition of a ``P × P`` matrix; no gradients.
 
     Args:
         model: Classifier returning ``[N, K]`` logits.
@@ -1153,16 +1226,28 @@ def observe(
         replicate: ``[R, h, w]`` maps of the probe rows ``replicate_rows`` on the noise-floor stream.
         replicate_rows: ``BoolTensor [P]`` rows that have a replicate (``R`` of them).
         masks: ``[P, H, W]`` boolean suspect regions, or ``None``.
-        generator: Source of the random control positions.
+        generator: Source of the random control positions and of k-means seeding.
         max_batch: Most inputs per forward pass.
+        top_fraction: Share of the input's pixels in a "tiny region".
+        min_group: Fewest items for a per-class observation.
+        min_cluster_maps: Fewest valid maps for the spectral clustering.
 
     Returns:
         One :class:`Observation` per signal and group.
+
+    Raises:
+        ValueError: On maps, targets or ids that do not match the probe.
 
     Example:
         >>> rule = WarningRule()
         >>> alerts = rule.update(epoch, observe(model, x, maps, targets, ids))  # doctest: +SKIP
     """
+    maps = _as_maps(maps)
+    count = x.shape[0]
+    if maps.shape[0] != count:
+        raise ValueError(f"`maps` must hold one map per probe image ({count}), got {maps.shape[0]}.")
+    targets = _int_vector(targets, count, "targets")
+    sample_ids = _int_vector(sample_ids, count, "sample_ids")
     device = model_device(model)
     x, targets = x.to(device), targets.to(device)
     size = (x.shape[-2], x.shape[-1])
@@ -1170,27 +1255,125 @@ def observe(
     def check(region: Tensor) -> Reliance:
         return region_reliance(model, x, region.to(device), targets, generator=generator, max_batch=max_batch)
 
-    def means(reliance: Reliance, rows: Tensor) -> dict[str, float]:
-        return {name: float(getattr(reliance, name).cpu()[rows].mean()) for name in ("z", "drop_region", "drop_random")}
-
     border = border_mass(maps).cpu()
     replicate_shift = 0.0
     if replicate is not None and replicate_rows is not None and bool(replicate_rows.any()):
         rows = replicate_rows.cpu()
         replicate_shift = float(border_mass(replicate).cpu().mean() - border[rows].mean())
-    top = check(top_region(maps, 0.05, size))
+    top = check(top_region(maps, top_fraction, size))
     masked = rho = None
     if masks is not None:
         rho = area_ratio(upsample(maps, size), masks.to(maps.device)).cpu()
         masked = check(masks)
     classes = targets.cpu()
+    groups: list[tuple[int | None, Tensor]] = [(None, torch.ones_like(classes, dtype=torch.bool))]
+    for class_index in sorted(set(classes.tolist())):
+        rows = classes == class_index
+        if int(rows.sum()) >= min_group:
+            groups.append((class_index, rows))
     observations = []
-    for class_index in [None, *sorted(set(classes.tolist()))]:
-        rows = torch.ones_like(classes, dtype=torch.bool) if class_index is None else classes == class_index
+    for class_index, rows in groups:
         members = tuple(sample_ids.cpu()[rows].tolist())
         value = float(border[rows].mean())
-        observations.append(Observation("border", class_index, value, value + replicate_shift, members, **means(top, rows)))
+        checked = _pooled(top, rows)
+        observations.append(Observation("border", class_index, value, value + replicate_shift, members, **checked))
+        observations.append(Observation("intervention", class_index, checked["z"], None,
+                                        _telling(top, rows, sample_ids), **checked))
         if masked is not None and rho is not None:
             observations.append(Observation("spurious_mass", class_index, float(rho[rows].mean()), None, members,
-                                            **means(masked, rows)))
+                                            **_pooled(masked, rows)))
+    if int((~degenerate(maps)).sum()) >= min_cluster_maps:
+        observations.append(_cluster_observation(model, x, maps, targets, sample_ids, check, top_fraction, size,
+                                                 min_cluster_maps, generator))
     return observations
+
+
+def _cluster_observation(
+    model: nn.Module, x: Tensor, maps: Tensor, targets: Tensor, sample_ids: Tensor, check: Any,
+    fraction: float, size: tuple[int, int], min_maps: int, generator: torch.Generator | None,
+) -> Observation:
+    """The ``cluster`` observation of :func:`observe`: the most suspicious spectral cluster, checked."""
+    labels = torch.zeros(maps.shape[0], dtype=torch.long, device=maps.device)
+    clusters = spectral_clusters(maps, labels, min_maps=min_maps, groups=targets.to(maps.device),
+                                 k_nn=min(10, min_maps - 1), generator=generator)
+    reliance = check(_cluster_regions(maps, clusters, fraction, size))
+    big = clusters.size >= ClusterFlagRules().min_size
+    candidates = clusters.flagged & big if bool((clusters.flagged & big).any()) else big
+    focus = torch.where(candidates, clusters.focus, torch.full_like(clusters.focus, -1.0))
+    chosen = int(focus.argmax())
+    rows = (clusters.assignments == chosen).cpu()
+    flagged = bool(clusters.flagged[chosen])
+    classes = torch.unique(targets.cpu()[rows]).tolist()
+    detail = (
+        f"spectral cluster of {int(rows.sum())} of {maps.shape[0]} maps (classes {classes}; "
+        f"focus {float(clusters.focus[chosen]):.2f}, coherence {float(clusters.coherence[chosen]):.2f}"
+        + (f"; flagged: {clusters.reasons[chosen]})" if flagged else ")")
+    )
+    return Observation("cluster", None, float(clusters.focus[chosen]), None, _telling(reliance, rows, sample_ids),
+                       flagged=flagged, detail=detail, **_pooled(reliance, rows))
+
+
+# --------------------------------------------------------------------------------------------------
+# Evidence images
+# --------------------------------------------------------------------------------------------------
+
+
+def evidence_image(
+    images: Tensor,
+    maps: Tensor,
+    sample_ids: Tensor,
+    sample_indices: Iterable[int],
+    *,
+    max_items: int = 8,
+    vmax: float = 4.0,
+) -> Tensor:
+    """The picture that goes with an alert: the group's mean map, then the flagged samples' overlays.
+
+    Row 0 is the mean image of the shown items | their mean unit-mass map (the cluster mean map for a
+    ``cluster`` alert) | the overlay; each further row is one item's image | map | overlay
+    (:func:`lightning_xcam.render.explanation_panel`). Maps are drawn on the monitor's fixed colour scale: a
+    cell's share of its map's mass relative to a uniform map, full colour at ``vmax`` times, so a shortcut
+    tag shows as a saturated spot whatever the raw scale.
+
+    Args:
+        images: ``[P, C, H, W]`` probe images (``C`` 1 or 3).
+        maps: ``[P, h, w]`` raw non-negative maps of those images.
+        sample_ids: ``LongTensor [P]`` probe-item ids of the rows.
+        sample_indices: Probe ids to show, most telling first (an :class:`Alert`'s ``sample_indices``);
+            ids not in ``sample_ids`` are ignored.
+        max_items: Most items shown.
+        vmax: Colour scale (multiples of the uniform share).
+
+    Returns:
+        Float32 ``[3, H', W']`` in ``[0, 1]`` (a :func:`lightning_xcam.render.grid` of panels, one per row).
+
+    Raises:
+        TypeError / ValueError: On mismatched shapes, ``max_items < 1``, or when no shown id is in
+            ``sample_ids``.
+
+    Example:
+        >>> img = evidence_image(torch.randn(4, 1, 8, 8), torch.rand(4, 2, 2), torch.arange(4), (2, 0))
+        >>> img.shape  # three rows (mean, item 2, item 0) of 8x24 panels, 2-pixel padding
+        torch.Size([3, 32, 28])
+    """
+    from lightning_xcam.render import explanation_panel, grid  # rendering only when an alert is drawn
+
+    images = check_images(images, "images")
+    maps = _as_maps(maps)
+    sample_ids = _int_vector(sample_ids, images.shape[0], "sample_ids")
+    if maps.shape[0] != images.shape[0]:
+        raise ValueError(f"`maps` must hold one map per image ({images.shape[0]}), got {maps.shape[0]}.")
+    if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1:
+        raise ValueError(f"`max_items` must be an int >= 1, got {max_items!r}.")
+    position = {int(i): row for row, i in enumerate(sample_ids.tolist())}
+    rows = [position[int(i)] for i in sample_indices if int(i) in position][:max_items]
+    if not rows:
+        raise ValueError("none of `sample_indices` is among `sample_ids`; pass the alert's probe ids.")
+    index = torch.tensor(rows, device=images.device)
+    shown = images.detach().float()[index]
+    cells = maps.shape[-2] * maps.shape[-1]
+    scaled = unit_mass(maps[index.to(maps.device)]) * cells
+    mean_map = scaled.mean(dim=0, keepdim=True)
+    panels = explanation_panel(torch.cat([shown.mean(dim=0, keepdim=True), shown]),
+                               torch.cat([mean_map, scaled]).to(images.device), vmax=vmax)
+    return grid(panels, nrow=1)

@@ -30,7 +30,7 @@ from typing_extensions import override
 
 from lightning_xcam import drift as drift_stats
 from lightning_xcam import metrics as xm
-from lightning_xcam.alerts import Alert, WarningRule, observe
+from lightning_xcam.alerts import Alert, WarningRule, evidence_image, observe
 from lightning_xcam.maps import degenerate, unit_mass
 from lightning_xcam.methods._guard import explanation_context, fresh_input
 from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM, IntegratedGradCAM, _LayerProbe
@@ -334,6 +334,9 @@ class ExplanationMonitor(Callback):
         self._last_run_epoch = epoch
         evaluation = len(self.history)
         minimal = bool(trainer.fast_dev_run)
+        with explanation_context(pl_module):  # the explained class is this evaluation's prediction (ALGORITHMS §1.2)
+            logits = [pl_module(fresh_input(chunk, pl_module.device)).cpu() for chunk in self._data.x.split(256)]
+            self._data.targets = torch.cat(logits).argmax(1)
         data = self._data.shard(trainer, pl_module, limit=2 if minimal else None)
         per_sample: dict[str, dict[str, Tensor]] = {}
         maps_by_method: dict[str, Tensor] = {}
@@ -476,7 +479,7 @@ class ExplanationMonitor(Callback):
     ) -> list[Alert]:
         """Feed this evaluation's shortcut signals (on the first stochastic method's maps) to the rule."""
         assert self._data is not None
-        method = next((m for m in self.methods if m in floors), self.methods[0])
+        method = next((m for m in self.methods if m not in _DETERMINISTIC), self.methods[0])
         replicate, rows = floors.get(method, (None, None))
         observations = observe(
             pl_module, self._data.x[:total], maps_by_method[method], self._data.targets[:total], self._data.ids[:total],
@@ -517,9 +520,16 @@ class ExplanationMonitor(Callback):
                 for i, panel in enumerate(panels):
                     tag = f"xcam_images/{method}/probe_{int(self._data.ids[i]):03d}"
                     logger.experiment.add_image(tag, panel, global_step=step)
+        method = next((m for m in self.methods if m not in _DETERMINISTIC), self.methods[0])  # as _check_shortcuts
+        seen = maps_by_method[method].cpu()
+        evidence = {alert: evidence_image(self._data.x[: len(seen)], seen, self._data.ids[: len(seen)],
+                                          alert.sample_indices, vmax=_DISPLAY_CONCENTRATION)
+                    for alert in alerts if alert.sample_indices}
         for logger in loggers:
             for alert in alerts:
                 logger.experiment.add_text(f"xcam_alerts/{alert.kind}", _alert_markdown(alert), global_step=step)
+                if alert in evidence:
+                    logger.experiment.add_image(f"xcam_alerts/{alert.kind}/evidence", evidence[alert], global_step=step)
 
     def _resolve_store_path(self, trainer: pl.Trainer) -> Path:
         if isinstance(self.store_path, (str, Path)):

@@ -345,7 +345,7 @@ def test_rule_needs_confirmation_when_supplied_and_stays_pending() -> None:
     # Confirmation arrives one evaluation after the rises stop: the level is still abnormal, so it raises.
     late = _rising_border(WarningRule(), zs=[1.0] * 6 + [4.5])
     assert [a.epoch for a in late] == [6]
-    assert "(reliance z 4.5 >= 3)" in late[0].message
+    assert "(reliance z 4.5 >= 2.5)" in late[0].message
     # A large z on negligible drops (an unsure model: every drop ~0) does not confirm.
     assert _rising_border(WarningRule(min_drop=0.4), zs=[9.0] * 7) == []
 
