@@ -1072,7 +1072,7 @@ class WarningRule:
                 f"; filling in that region drops p(class) by {obs.drop_region:.2f} vs {obs.drop_random:.2f} "
                 "for random regions of equal area"
             )
-        if obs.z is not None:
+        if obs.z is not None and obs.kind != "intervention":  # an intervention's value is its z, already stated
             message += f" (reliance z {obs.z:.1f} >= {self.confirm_z:g})"
         if obs.detail:
             message += f"; {obs.detail}"
