@@ -1,0 +1,148 @@
+"""Cost of the ExplanationMonitor at its defaults, as a share of one training epoch over 50,000 images.
+
+Run it with ``python benchmarks/overhead.py`` (about 10 minutes on 2 idle CPU cores; ``--quick`` for a
+smoke run). The model is the CIFAR variant of ResNet-18 (3×3 stride-1 stem, no max-pool; CAM layer
+``net.layer4`` at 4×4), 10 classes, 32×32 RGB inputs drawn once from a fixed generator (cost does not
+depend on the pixel values), SGD with momentum, batch 128, fp32, on CPU.
+
+Two ``Trainer.fit`` runs of ``EPOCHS`` short epochs (``STEPS`` training steps each, no validation, so
+the monitor runs at the end of every training epoch) with the same seed:
+
+* **plain**: no monitor; the median training-step time gives the time of one epoch over 50,000
+  images (``ceil(50,000 / 128) = 391`` steps; data loading from memory is included);
+* **monitored**: ``ExplanationMonitor(target_layer="net.layer4")`` with every other argument at its
+  default (32 probe items; Expected Grad-CAM and GAD; insertion, deletion, infidelity, and
+  max-sensitivity on every 4th evaluation; 8 heatmap panels to TensorBoard; the SQLite store). Each
+  evaluation's wall time is the monitor's own ``xcam/time_s``; the probe, bank and fit set are drawn
+  once at the start of training (reported separately).
+
+The share is the evaluation time over the epoch time; the table gives the first evaluation (GAD's cold
+fit, max-sensitivity), a warm one without max-sensitivity, and the mean over one max-sensitivity cycle
+(4 evaluations), which is what ``every_n_epochs=1`` costs per epoch. Timings are wall-clock on a shared
+machine; the header prints the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchvision
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_xcam import ExplanationMonitor
+
+EPOCH_IMAGES, BATCH, SIZE = 50_000, 128, 32
+
+
+def cifar_resnet18(num_classes: int = 10) -> nn.Module:
+    """ResNet-18 for 32×32 inputs: a 3×3 stride-1 stem and no max-pool, so ``layer4`` is 4×4."""
+    net = torchvision.models.resnet18(num_classes=num_classes)
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+class Classifier(pl.LightningModule):
+    """The trained model; records the wall time of every training step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = cifar_resnet18()
+        self.step_times: list[float] = []
+        self._started = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
+        self.step_times.append(time.perf_counter() - self._started)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def _data(images: int) -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(images, 3, SIZE, SIZE, generator=generator)
+    y = torch.randint(0, 10, (images,), generator=generator)
+    return TensorDataset(x, y)
+
+
+def _fit(root: Path, data: TensorDataset, epochs: int, steps: int, monitor: ExplanationMonitor | None) -> Classifier:
+    pl.seed_everything(0, verbose=False)
+    model = Classifier()
+    trainer = pl.Trainer(
+        default_root_dir=root, max_epochs=epochs, limit_train_batches=steps, limit_val_batches=0,
+        accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, logger=TensorBoardLogger(root, name="", version=0),
+        callbacks=[] if monitor is None else [monitor],
+    )
+    trainer.fit(model, DataLoader(data, batch_size=BATCH, shuffle=True))
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=4, help="short epochs per run (4 = one max-sensitivity cycle)")
+    parser.add_argument("--steps", type=int, default=8, help="training steps per short epoch")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 epochs of 2 steps")
+    args = parser.parse_args()
+    epochs, steps = (2, 2) if args.quick else (args.epochs, args.steps)
+    warnings.filterwarnings("ignore")
+    data = _data(BATCH * steps)
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = _fit(Path(tmp) / "plain", data, epochs, steps, None)
+        monitor = ExplanationMonitor(target_layer="net.layer4")
+        started = time.perf_counter()
+        watched = _fit(Path(tmp) / "monitored", data, epochs, steps, monitor)
+        monitored_wall = time.perf_counter() - started
+    # the first step of a fit pays one-time allocation; the median of the rest is the steady state
+    step = statistics.median(plain.step_times[1:] + watched.step_times[1:])
+    epoch = step * math.ceil(EPOCH_IMAGES / BATCH)
+    evaluations = [h["xcam/time_s"] for h in monitor.history]
+    setup = monitored_wall - sum(evaluations) - sum(watched.step_times)
+    cycle = evaluations[: monitor.sensitivity_every]
+    warm = [t for i, t in enumerate(evaluations) if i % monitor.sensitivity_every]
+
+    print("# lightning_xcam monitor overhead\n")
+    print(f"- torch {torch.__version__}, lightning {pl.__version__}, {os.cpu_count()} CPUs, "
+          f"torch threads {torch.get_num_threads()}; load average at start {load[0]:.2f} (1 min)")
+    print(f"- model: CIFAR ResNet-18, 32×32, batch {BATCH}; {epochs} epochs × {steps} steps per run")
+    print(f"- training step (median of {len(plain.step_times) + len(watched.step_times) - 2}): {step * 1e3:.0f} ms → "
+          f"one epoch over {EPOCH_IMAGES:,} images ≈ {epoch:.0f} s ({math.ceil(EPOCH_IMAGES / BATCH)} steps)")
+    print(f"- one-time setup in the monitored fit (probe, bank and fit-set draw, layer check, logger, "
+          f"and Lightning's own start-up): {setup:.1f} s\n")
+    print("| evaluation | wall time s | share of one 50k-image epoch | goal | met |")
+    print("|---|---:|---:|---|---|")
+    rows = [("first (GAD cold fit, max-sensitivity)", evaluations[0])]
+    if warm:
+        rows.append(("warm, without max-sensitivity (median)", statistics.median(warm)))
+    if len(cycle) == monitor.sensitivity_every:
+        rows.append((f"mean over one max-sensitivity cycle ({len(cycle)} evaluations)", statistics.fmean(cycle)))
+    for name, seconds in rows:
+        share = seconds / epoch
+        print(f"| {name} | {seconds:.1f} | {share:.2%} | ≤ 2% | {'yes' if share <= 0.02 else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
