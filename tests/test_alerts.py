@@ -18,7 +18,9 @@ from lightning_xcam.alerts import (
     area_ratio,
     border_mass,
     concentration,
+    evidence_image,
     kmeans,
+    observe,
     region_reliance,
     spectral_clusters,
     spurious_mass,
@@ -26,6 +28,7 @@ from lightning_xcam.alerts import (
 )
 from lightning_xcam.alerts import _random_offsets, _shift_masks
 from lightning_xcam.demos import add_decoy_tags, load_lfw_tensors
+from lightning_xcam.render import explanation_panel, grid
 
 # ------------------------------------------------------------------------------------------------ signals
 
@@ -452,3 +455,82 @@ def test_decoy_tags_plant_a_detectable_area_ratio_on_lfw() -> None:
     # An "explanation" equal to the image's deviation from the patch-free mean puts mass on the tag.
     deviation = (tagged[:, 0] - images[:, 0]).abs()
     torch.testing.assert_close(area_ratio(deviation, masks), torch.full((200,), 625 / 9))
+
+
+# ------------------------------------------------------------------------------------- observe, evidence
+
+
+def test_observe_reports_the_paired_reliance_of_the_top_region_per_class() -> None:
+    corner, _ = _regions()
+    model = _PatchModel(corner)
+    x = _bright_images(8)
+    maps = torch.zeros(8, 4, 4)
+    maps[:, 0, 0] = 1.0  # every map points at the corner cell the model reads
+    maps[4:, 3, 3] += 2.0  # the last four point elsewhere
+    targets = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    ids = torch.arange(10, 18)
+    obs = observe(model, x, maps, targets, ids, generator=torch.Generator().manual_seed(0), min_cluster_maps=64)
+    assert [(o.kind, o.class_index) for o in obs] == [
+        ("border", None), ("intervention", None), ("border", 0), ("intervention", 0), ("border", 1),
+        ("intervention", 1),
+    ]  # no cluster observation below min_cluster_maps
+    ref = region_reliance(model, x, top_region(maps, 0.05, (16, 16)), targets, generator=torch.Generator().manual_seed(0))
+    gap = (ref.drop_region - ref.drop_random.mean(dim=1)).double()
+    for o in obs[1::2]:
+        rows = slice(None) if o.class_index is None else targets == o.class_index
+        g = gap[rows]
+        assert o.value == o.z == pytest.approx(float(g.mean() / max(float(g.std()) / math.sqrt(g.numel()), 1e-3)))
+        assert o.drop_region == pytest.approx(float(ref.drop_region[rows].mean()))
+        assert o.drop_random == pytest.approx(float(ref.drop_random[rows].mean()))
+    # The items whose region matters most come first.
+    assert set(obs[1].sample_indices[:4]) == {10, 11, 12, 13}
+    assert obs[3].z > 10 and obs[3].drop_region > 0.2 > 0.05 > abs(obs[5].drop_region)
+
+
+def test_observe_clusters_the_probe_and_checks_the_cluster_mean_region() -> None:
+    maps = _planted_maps()  # 42 centre blobs, then 18 corner blobs (a corner at (0, 0) of a 32x32 map)
+    corner = torch.zeros(32, 32, dtype=torch.bool)
+    corner[:4, :4] = True
+    model = _PatchModel(corner)
+    x = _bright_images(60, 32)
+    targets = torch.zeros(60, dtype=torch.long)
+    # The planted corner blobs are sharp (about ten cells above the noise): a 1 % region keeps to the corner.
+    obs = observe(model, x, maps, targets, torch.arange(60), generator=torch.Generator().manual_seed(0),
+                  top_fraction=0.01)
+    (cluster,) = [o for o in obs if o.kind == "cluster"]
+    assert cluster.class_index is None and cluster.flagged and "isolated" in cluster.detail
+    assert set(cluster.sample_indices) == set(range(42, 60))
+    assert cluster.drop_region - cluster.drop_random > 0.15 and abs(cluster.drop_random) < 0.01 and cluster.z > 10
+    (alert,) = WarningRule().update(0, [cluster])  # a confirmed SpRAy flag warns at once
+    assert alert.kind == "cluster" and "spectral cluster of 18 of 60 maps" in alert.message
+
+
+def test_rule_intervention_warns_after_patience_confirmed_levels_without_a_rise() -> None:
+    def obs(z: float, gap: float) -> Observation:
+        return Observation("intervention", 3, z, drop_region=0.02 + gap, drop_random=0.02, z=z, sample_indices=(1,))
+
+    rule = WarningRule(patience=2)
+    flat = [obs(6.0, 0.3)] * 4  # the same high level from the first evaluation on
+    assert [a.epoch for t, o in enumerate(flat) for a in rule.update(t, [o])] == [1]
+    gaps = [0.3, 0.05, 0.3, 0.3]  # the gap dips under min_drop: the streak restarts
+    assert [a.epoch for t, g in enumerate(gaps) for a in WarningRule().update(t, [obs(6.0, g)])] == []
+    rule = WarningRule()
+    assert [a.epoch for t, g in enumerate(gaps) for a in rule.update(t, [obs(6.0, g)])] == [3]
+    low_z = WarningRule()
+    assert [a for t in range(4) for a in low_z.update(t, [obs(2.0, 0.3)])] == []
+
+
+def test_evidence_image_stacks_the_mean_map_then_the_items_in_order() -> None:
+    images = torch.randn(4, 1, 8, 8)
+    maps = torch.rand(4, 2, 2)
+    ids = torch.tensor([7, 8, 9, 10])
+    image = evidence_image(images, maps, ids, (9, 99, 7), vmax=4.0)
+    scaled = maps / maps.sum(dim=(1, 2), keepdim=True) * 4
+    rows = [2, 0]
+    expected = grid(explanation_panel(torch.cat([images[rows].mean(0, keepdim=True), images[rows]]),
+                                      torch.cat([scaled[rows].mean(0, keepdim=True), scaled[rows]]), vmax=4.0), nrow=1)
+    torch.testing.assert_close(image, expected)
+    assert image.shape == (3, 3 * 8 + 4 * 2, 24 + 4)
+    assert evidence_image(images, maps, ids, range(7, 11), max_items=2).shape[1] == 3 * 8 + 4 * 2
+    with pytest.raises(ValueError, match="sample_indices"):
+        evidence_image(images, maps, ids, (1, 2))
