@@ -1,0 +1,258 @@
+"""Shortcut early-warning benchmark: planted shortcuts on packaged data, each with a clean twin.
+
+Run ``python benchmarks/shortcuts.py`` (full, about 25 minutes on 2 CPU cores) or ``--quick`` (a few
+minutes). Every run trains :class:`~lightning_xcam.demos.SmallCNN` (width 8, Adam 3e-3, batch 16) with the
+real :class:`~lightning_xcam.ExplanationMonitor` inside ``Trainer.fit`` (Expected Grad-CAM, 48 probe items
+drawn from the validation set, one evaluation per epoch, default :class:`~lightning_xcam.alerts.WarningRule`
+and :func:`~lightning_xcam.alerts.observe` settings: the product as shipped, no per-task tuning).
+
+Tasks (data that ships inside packages, no downloads; 32×32, standardised):
+
+* ``digits-2``: scikit-learn digits, 0–4 vs 5–9; ``digits-4``: digits 0–3 (four classes);
+* ``faces-2``: scikit-image ``lfw_subset``, face vs non-face (200 images: 120 train, 80 held out).
+
+Variants: a class-coded square tag (:func:`~lightning_xcam.demos.add_decoy_tags`) in a random corner or at a
+random position, side 3 or 5 pixels, contrast 0.5 or 1. Each tagged run (tag code = label) has two clean
+twins trained with the same seed: the same tags with codes drawn independently of the label (the tag is
+visible but useless) and, once per task and seed, the untagged images.
+
+Ground truth, measured independently of the monitor after every epoch on held-out images: the accuracy
+with the tag code equal to the label minus the accuracy with the code scrambled (same positions). A run
+*relies* on the shortcut when that gap is at least ``RELIANCE_GAP`` at the last epoch; reliance *appears*
+at the first epoch from which the gap stays at or above it. Runs between ``PARTIAL_GAP`` and ``RELIANCE_GAP`` are partial
+and reported apart (an alert there is neither a hit nor a false alarm).
+
+Reported per task and overall: detection rate (relying runs with an alert), false-alarm rate (clean-twin
+runs with any alert), evaluations from reliance to the first alert (negative = before the accuracy gap
+reached the threshold), and the alert kinds that fired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import multiprocessing
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_xcam import ExplanationMonitor
+from lightning_xcam.demos import SmallCNN, add_decoy_tags, load_digits_tensors, load_lfw_tensors
+
+RELIANCE_GAP = 0.15
+PARTIAL_GAP = 0.05
+EPOCHS = 10
+NOISE = {"digits-2": 0.5, "digits-4": 0.5, "faces-2": 1.5}  # pixel noise (std, standardised units) per task
+HELD_OUT = 400  # held-out images per run: the probe pool (first half) and the ground truth (all)
+TASKS = ("digits-2", "digits-4", "faces-2")
+MONITOR = dict(target_layer="net.features", methods=("expected_gradcam",), metrics=(), num_probe=48,
+               n_samples=8, num_references=32, num_fit=2, floor_size=8, log_images=0, store=False)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: a task, a tag variant (``None`` = untagged), its tag-label correlation and seed."""
+
+    task: str
+    seed: int
+    position: str | None = None
+    size: int = 0
+    contrast: float = 0.0
+    correlation: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        return "tagged" if self.correlation > 0 else "clean"
+
+    def label(self) -> str:
+        if self.position is None:
+            return f"{self.task} untagged s{self.seed}"
+        return f"{self.task} {self.position} {self.size}px c{self.contrast:g} r{self.correlation:g} s{self.seed}"
+
+
+@dataclass
+class Outcome:
+    run: Run
+    gaps: list[float]
+    accuracy: list[float]
+    alerts: list[tuple[int, str, int | None]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Classifier(pl.LightningModule):
+    """SmallCNN (CAM layer ``net.features``) with Adam; module level so worker processes can build it."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.net = SmallCNN(in_channels=1, num_classes=num_classes, width=8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], _index: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], _index: int) -> None:
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+class Reliance(pl.Callback):
+    """Ground truth after every training epoch: accuracy with the tag = label, scrambled, and untagged."""
+
+    def __init__(self, tagged: Tensor, scrambled: Tensor, clean: Tensor, labels: Tensor) -> None:
+        self.sets = (tagged, scrambled, clean)
+        self.labels = labels
+        self.gaps: list[float] = []
+        self.accuracy: list[float] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            acc = [(pl_module(x).argmax(1) == self.labels).float().mean().item() for x in self.sets]
+        pl_module.train(was_training)
+        self.gaps.append(acc[0] - acc[1])
+        self.accuracy.append(acc[2])
+
+
+def _task_data(task: str) -> tuple[Tensor, Tensor, int, int]:
+    """Images, labels, number of classes and number of training images of a task."""
+    if task == "faces-2":
+        x, y = load_lfw_tensors(32)
+        return x, y, 2, 120
+    x, y = load_digits_tensors(32)
+    if task == "digits-2":
+        return x, (y >= 5).long(), 2, 400
+    keep = y < 4
+    return x[keep], y[keep], 4, 400
+
+
+def _execute(run: Run) -> Outcome:
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    started = time.perf_counter()
+    x, y, classes, n_train = _task_data(run.task)
+    gen = torch.Generator().manual_seed(run.seed)
+    order = torch.randperm(x.shape[0], generator=gen)
+    # Pixel noise makes the object harder than the tag, so that tagged runs do learn the shortcut (§6.6).
+    x, y = x[order] + NOISE[run.task] * torch.randn(x.shape, generator=gen), y[order]
+    held = slice(n_train, n_train + HELD_OUT)
+
+    def tag(correlation: float, seed: int) -> Tensor:
+        if run.position is None:
+            return x
+        gen = torch.Generator().manual_seed(seed)
+        return add_decoy_tags(x, y, size=run.size, position=run.position, contrast=run.contrast,
+                              correlation=correlation, num_classes=classes, generator=gen)[0]
+
+    data = tag(run.correlation, 1000 + run.seed)
+    probe_pool = slice(n_train, n_train + max(48, min(HELD_OUT, x.shape[0] - n_train) // 2))
+    truth = Reliance(tag(1.0, 2000 + run.seed)[held], tag(0.0, 2000 + run.seed)[held], x[held], y[held])
+    train = DataLoader(TensorDataset(data[:n_train], y[:n_train]), batch_size=16, shuffle=True,
+                       generator=torch.Generator().manual_seed(run.seed))
+    val = DataLoader(TensorDataset(data[probe_pool], y[probe_pool]), batch_size=256)
+    pl.seed_everything(run.seed, verbose=False)
+    monitor = ExplanationMonitor(seed=run.seed, **MONITOR)
+    trainer = pl.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[truth, monitor])
+    trainer.fit(Classifier(classes), train, val)
+    alerts = [(a.epoch, a.kind, a.class_index) for a in monitor.alerts if a.kind != "drift"]
+    return Outcome(run, truth.gaps, truth.accuracy, alerts, time.perf_counter() - started)
+
+
+def _plan(quick: bool) -> list[Run]:
+    seeds = (0,) if quick else (0, 1, 2)
+    variants = [("corner", 3, 1.0), ("random", 5, 0.5)] if quick else list(
+        itertools.product(("corner", "random"), (3, 5), (0.5, 1.0)))
+    runs = []
+    for task, seed in itertools.product(TASKS, seeds):
+        runs.append(Run(task, seed))
+        for position, size, contrast in variants:
+            for correlation in (1.0, 0.0):
+                runs.append(Run(task, seed, position, size, contrast, correlation))
+    return runs
+
+
+def _onset(gaps: list[float]) -> int:
+    """First epoch from which the accuracy gap stays at or above ``RELIANCE_GAP`` (early spikes are noise)."""
+    onset = len(gaps) - 1
+    while onset > 0 and gaps[onset - 1] >= RELIANCE_GAP:
+        onset -= 1
+    return onset
+
+
+def _rate(hits: int, total: int) -> str:
+    return f"{hits}/{total} ({100 * hits / total:.0f}%)" if total else "-"
+
+
+def _summary(name: str, outcomes: list[Outcome]) -> str:
+    relying = [o for o in outcomes if o.run.kind == "tagged" and o.gaps[-1] >= RELIANCE_GAP]
+    partial = [o for o in outcomes if o.run.kind == "tagged" and PARTIAL_GAP <= o.gaps[-1] < RELIANCE_GAP]
+    unused = [o for o in outcomes if o.run.kind == "tagged" and o.gaps[-1] < PARTIAL_GAP]
+    clean = [o for o in outcomes if o.run.kind == "clean"]
+    delays = []
+    for o in relying:
+        if o.alerts:
+            onset = _onset(o.gaps)
+            delays.append(min(e for e, _, _ in o.alerts) - onset)
+    within = sum(d <= 2 for d in delays)
+    delay = (f"median {statistics.median(delays):+g}, max {max(delays):+d}; ≤ 2: {_rate(within, len(delays))}"
+             if delays else "-")
+    return (f"| {name} | {_rate(sum(bool(o.alerts) for o in relying), len(relying))} "
+            f"| {_rate(sum(bool(o.alerts) for o in clean), len(clean))} | {delay} "
+            f"| {_rate(sum(bool(o.alerts) for o in partial), len(partial))} "
+            f"| {_rate(sum(bool(o.alerts) for o in unused), len(unused))} |")
+
+
+def _kinds(outcomes: list[Outcome]) -> str:
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        for kind in sorted({k for _, k, _ in o.alerts}):
+            counts[f"{o.run.kind}:{kind}"] = counts.get(f"{o.run.kind}:{kind}", 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, two tag variants (a few minutes)")
+    parser.add_argument("--workers", type=int, default=2, help="parallel training processes (one thread each)")
+    parser.add_argument("--runs", action="store_true", help="also print one line per run")
+    args = parser.parse_args()
+    plan = _plan(args.quick)
+    started = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        outcomes = pool.map(_execute, plan, chunksize=1)
+    header = ("| task | detection (relying runs) | false alarms (clean twins) | evaluations to first alert "
+              "| alerts on partial reliance | alerts on tagged runs without reliance |\n|---|---|---|---|---|---|")
+    print(f"Shortcut benchmark ({'quick' if args.quick else 'full'}): {len(plan)} runs, {EPOCHS} evaluations each; "
+          f"reliance = accuracy gap (tag = label vs scrambled) >= {RELIANCE_GAP} at the last epoch.\n")
+    print(header)
+    for task in TASKS:
+        print(_summary(task, [o for o in outcomes if o.run.task == task]))
+    print(_summary("**overall**", outcomes))
+    print(f"\nAlert kinds (runs): {_kinds(outcomes)}")
+    if args.runs:
+        print("\n| run | gap per epoch | clean acc | alerts (epoch kind class) | s |\n|---|---|---|---|---|")
+        for o in outcomes:
+            gaps = " ".join(f"{g:+.2f}" for g in o.gaps)
+            alerts = "; ".join(f"{e} {k} {c}" for e, k, c in o.alerts) or "-"
+            print(f"| {o.run.label()} | {gaps} | {o.accuracy[-1]:.2f} | {alerts} | {o.seconds:.0f} |")
+    print(f"\n(total {time.perf_counter() - started:.0f} s with {args.workers} workers)")
+
+
+if __name__ == "__main__":
+    main()
