@@ -112,17 +112,92 @@ def test_warm_fit_restarts_from_previous_offsets(trained) -> None:
         torch.testing.assert_close(now, first[i] + 0.01, rtol=0, atol=1e-6)
 
 
-def test_bad_support_is_refit_then_excluded_with_warning(trained) -> None:
+def test_bad_support_is_excluded_with_warning_and_a_stale_one_is_refit(trained) -> None:
     net, x_fit, x_probe, _ = trained
-    gad = GAD(net, "features", base="gradcam", lambdas=(0.5, 64.0), steps=40, r2_threshold=0.95)
+    net = copy.deepcopy(net)
+    gad = GAD(net, "features", base="gradcam", lambdas=(0.5, 64.0), steps=40, warm_steps=0, r2_threshold=0.95)
     with pytest.warns(UserWarning, match="excluded"):
         gad.fit(x_fit[:256])
     d = gad.diagnostics
-    assert d["active"] == [d["fit_r2"][0] >= 0.95, False] and d["refit"][1]
+    assert d["active"] == [True, False] and d["fit_r2"][1] < 0.95 and d["refit"] == [False, False]
+    assert d["steps"] == [40, 40] and not d["fallback"]
     result = gad.explain(x_probe[:8])
     assert result.base_maps.shape[0] == 1 + sum(d["active"])
     with pytest.raises(RuntimeError, match="excluded"):
         gad.support_model(1)
+    with torch.no_grad():  # the model moves far: the kept offsets no longer fit, so the support restarts cold
+        net.head[0].reset_parameters()
+        net.head[2].reset_parameters()
+    with pytest.warns(UserWarning, match="excluded"):
+        gad.fit(x_fit[:256])
+    d = gad.diagnostics
+    assert d["refit"] == [True, False] and d["active"][0] and d["fit_r2"][0] >= 0.95
+
+
+def test_unchanged_model_refresh_takes_no_step(trained) -> None:
+    net, x_fit, _, _ = trained
+    gad = GAD(net, "features", base="gradcam", r2_target=0.9)
+    gad.fit(x_fit[:256])
+    first = gad.diagnostics
+    assert all(0 < s <= 300 for s in first["steps"]) and min(first["fit_r2"]) >= 0.9
+    gad.fit(x_fit[:256])  # early stop: every support still reaches r2_target before any step
+    assert gad.diagnostics["steps"] == [0, 0, 0, 0]
+    assert gad.diagnostics["fit_r2"] == pytest.approx(first["fit_r2"], abs=1e-6)
+
+
+def test_warm_fit_follows_a_training_epoch_within_its_budget(trained) -> None:
+    net, x_fit, _, _ = trained
+    net = copy.deepcopy(net)
+    gad = GAD(net, "features", base="gradcam", warm_steps=20)
+    gad.fit(x_fit[:256])
+    assert all(gad.diagnostics["active"])
+    x, y = load_digits_tensors(SIZE)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    net.train()
+    for i in range(0, 512, 32):  # part of an epoch of ordinary training moves every weight
+        loss = F.cross_entropy(net(x[i : i + 32]), y[i : i + 32])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    gad.fit(x_fit[:256])
+    d = gad.diagnostics
+    assert all(d["active"]) and not any(d["refit"]) and min(d["fit_r2"]) >= 0.9
+    assert max(d["steps"]) <= 20
+
+
+def test_barely_trained_model_supports_fit_without_steps(trained) -> None:
+    """A model that predicts one class with near-constant logits (as after a fraction of an epoch): its
+    distanced targets are a constant shift of its logits, fitted exactly by the output-bias step, so every
+    support fits with no Adam step and explains like the original."""
+    net, x_fit, x_probe, _ = trained
+    net = copy.deepcopy(net)
+    with torch.no_grad():
+        net.head[2].weight.mul_(1e-4)
+        net.head[2].bias.copy_(torch.arange(10.0) * 0.05)
+        z = net(x_fit[:256])
+    assert set(z.argmax(1).tolist()) == {9} and float(z.std(0).max()) < 0.02
+    gad = GAD(net, "features", base="gradcam")
+    gad.fit(x_fit[:256])
+    d = gad.diagnostics
+    assert d["steps"] == [0, 0, 0, 0] and all(d["active"]) and min(d["fit_r2"]) > 0.999
+    assert d["margin"] == pytest.approx(float((z[:, 9] - z[:, 8]).median()), rel=1e-4)  # no floor: α = λ·s
+    result = gad.explain(x_probe[:8])
+    for row in result.base_maps[1:]:  # a constant on the logits changes no gradient
+        torch.testing.assert_close(row, result.base_maps[0], rtol=1e-4, atol=1e-6)
+
+
+def test_all_supports_excluded_falls_back_to_thresholded_base_map(trained) -> None:
+    net, x_fit, x_probe, _ = trained
+    gad = GAD(net, "features", base="gradcam", steps=5, r2_threshold=1.5)  # an R² no fit reaches
+    with pytest.warns(UserWarning, match="no support is left"):
+        gad.fit(x_fit[:128])
+    assert gad.diagnostics["fallback"] and not any(gad.diagnostics["active"])
+    result = gad.explain(x_probe[:8])
+    base = GradCAM(net, "features")(x_probe[:8])
+    assert result.base_maps.shape[0] == 1
+    expected = base * (base >= 0.1 * base.amax(dim=(1, 2), keepdim=True))
+    torch.testing.assert_close(result.maps, expected, rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- fusion
@@ -379,7 +454,8 @@ def test_diagnostics_keys_and_mask_stability(trained, gad_gradcam) -> None:
     gad_gradcam(x_probe[:8], sample_ids=ids)
     gad_gradcam(x_probe[:8], sample_ids=ids)
     d = gad_gradcam.diagnostics
-    for key in ("fit_r2", "agreement", "alphas", "margin", "active", "refit", "kept_fraction", "plain_fraction", "hull_area", "mask_iou_prev", "stale"):
+    for key in ("fit_r2", "agreement", "alphas", "margin", "active", "fallback", "refit", "steps", "kept_fraction",
+                "plain_fraction", "hull_area", "mask_iou_prev", "stale"):
         assert key in d
     assert d["mask_iou_prev"] == {i: 1.0 for i in range(100, 108)}
     assert d["stale"] is False

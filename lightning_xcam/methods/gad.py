@@ -96,9 +96,14 @@ class _TrunkDone(BaseException):
 
 
 class _Feed:
-    """The trunk output handed to the heads' :class:`_Inject` module for one forward pass."""
+    """The trunk output handed to the heads' :class:`_Inject` module for one forward pass.
+
+    ``copy``: whether each head gets its own copy. Needed only when the tail writes into its input in
+    place (one head would corrupt the next head's input); :meth:`GAD.fit` measures it once per model.
+    """
 
     value: Tensor | None = None
+    copy: bool = True
 
 
 class _PassThrough(nn.Module):
@@ -118,7 +123,7 @@ class _Inject(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         if self.feed.value is None:
             raise RuntimeError("a GAD head ran without a trunk output; run it through the GAD ensemble.")
-        return self.feed.value.clone()  # an in-place op in one head must not reach the next head
+        return self.feed.value.clone() if self.feed.copy else self.feed.value
 
 
 @dataclass(frozen=True)
@@ -262,6 +267,21 @@ def _head(model: nn.Module, plan: _Plan, feed: _Feed, trainable: bool) -> nn.Mod
     return head
 
 
+class _SharedActivations(_LayerProbe):
+    """The engine's probe for an ensemble whose CAM layer *is* the split: every head's CAM activation is
+    the same trunk output, so the activations are returned once (``[1, S, D, h, w]``; the engine's
+    reductions broadcast them over the ``M`` heads) instead of ``M`` identical copies, which would make
+    the reductions ``M`` times dearer. Each head keeps its own gradient leaf."""
+
+    def activations(self, points: Tensor, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+        acts, logits = super().activations(points, batch_size)
+        return acts[:1], logits
+
+    def gradients(self, points: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        acts, grads, c = super().gradients(points, targets)
+        return acts[:1], grads, c
+
+
 class _Ensemble(nn.Module):
     """The original model and its supports on one trunk: logits ``[M, S, K]`` (see :class:`~lightning_xcam.
     methods.input_gradients.Heads`). Built and used only inside :func:`explanation_context`."""
@@ -370,14 +390,40 @@ def _polygon_area(vertices: list[tuple[float, float]]) -> float:
     return abs(twice) / 2
 
 
-def _r2(pred: Tensor, target: Tensor) -> float:
-    """Multi-output R²: ``1 − Σ(pred − target)² / Σ(target − column mean)²``."""
-    residual = (pred - target).pow(2).sum()
-    total = (target - target.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
-    return float(1 - residual / total)
+def _r2(pred: Tensor, target: Tensor, centered: bool = False) -> Tensor:
+    """Multi-output R² per model: ``1 − Σ(pred − target)² / Σ(target − column mean)²`` over the last two
+    dimensions of ``[M, N, K]`` inputs (``[M]``). ``centered``: the R² ``pred`` would have after adding its
+    least-squares constant offset (the mean residual of each output)."""
+    error = pred - target
+    if centered:
+        error = error - error.mean(dim=-2, keepdim=True)
+    residual = error.pow(2).sum(dim=(-2, -1))
+    total = (target - target.mean(dim=-2, keepdim=True)).pow(2).sum(dim=(-2, -1)).clamp_min(1e-12)
+    return 1 - residual / total
+
+
+def _output_bias(model: nn.Module, x: Tensor, candidates: Sequence[str]) -> str | None:
+    """Name of the bias among ``candidates`` that is added last to the logits: the bias of an ``nn.Linear``
+    whose output tensor *is* the model's output. ``None`` when the logits come from anything else."""
+    owners = {name.rpartition(".")[0]: name for name in candidates if name.rpartition(".")[2] == "bias"}
+    outputs: dict[str, Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, n=name: outputs.__setitem__(n, out))
+        for name, module in model.named_modules()
+        if name in owners and isinstance(module, nn.Linear)
+    ]
+    try:
+        with torch.no_grad():
+            logits = model(x[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return next((owners[name] for name, out in outputs.items() if out is logits), None)
 
 
 # --------------------------------------------------------------------------- GAD
+
+_CHUNK = 256  # items per no-grad pass over the fit set (memory budget only; results do not depend on it)
 
 
 @dataclass
@@ -391,10 +437,27 @@ class _Support:
     fit_r2: float = float("nan")
     agreement: float = float("nan")
     refit: bool = False
+    steps: int = 0
 
 
 class GAD:
     """Gradient Artificial Distancing over any base attribution (see the module docstring).
+
+    **Fitting** (:meth:`fit`). One no-grad pass of the model over the fit set gives the logits and caches
+    the trunk output at the split; every step after that runs only the support tails, full-batch on the
+    cached outputs by default. Each support starts from the original's current tail plus its offset from
+    the previous fit (warm start; zero on the first fit), and from the least-squares output offset when the
+    logits come straight out of an ``nn.Linear`` with a bias (a constant added to the logits changes no
+    gradient, so this exact step costs nothing in the maps and fixes the constant part of the shift and of
+    any staleness at once). Adam steps follow until every support reaches ``r2_target`` (checked before
+    each step, so a fit whose supports still fit takes no step at all) or the budget runs out (``steps``
+    on the first fit, ``warm_steps`` after). A warm support still below ``r2_threshold`` is reset to the
+    original's tail and refit with the ``steps`` budget; a support that ends below it is excluded with a
+    warning and starts cold at the next fit.
+
+    **Excluded supports.** The fusion runs over the original and the *active* supports only. When every
+    support is excluded the fused mask is the original's own ``τ``-mask, so the GAD map is the base map
+    thresholded at ``τ·max`` (``diagnostics["fallback"]`` is ``True``); it is never undefined.
 
     Args:
         model: The classifier ``f`` (any ``nn.Module`` returning logits ``[B, K]``; a LightningModule works).
@@ -412,20 +475,25 @@ class GAD:
         split: Dotted name of the last shared (frozen) module; the tail is every module that runs after
             it. ``None`` chooses automatically (module docstring).
         shared_trunk: ``False`` trains full copies of the model (every parameter; for offline use).
-        steps: Adam steps of a cold fit (first fit, or a support reset after a bad fit).
-        warm_steps: Adam steps of a warm fit (later fits start from the previous supports' offsets).
-        fit_batch_size: Minibatch size of the support fit.
+        steps: Most Adam steps of a cold fit (first fit, or a support reset after a bad fit).
+        warm_steps: Most Adam steps of a warm fit (later fits start from the previous supports' offsets).
+        fit_batch_size: Minibatch size of the support fit; ``None`` (default) trains full-batch on the
+            whole cached fit set, which also makes the early-stopping check exact.
         lr: Adam learning rate of the ``λ = 1`` support; support ``i`` uses ``lr·λ_i`` (the parameter change
-            it needs grows with its shift). Lower it for large pretrained tails (ResNet ``layer4``).
-        r2_threshold: A support whose fit R² stays below this after one reset is excluded (with a warning);
-            ``-inf`` keeps every support.
-        min_margin: Floor of the median margin ``s`` in logits.
+            it needs grows with its shift).
+        r2_threshold: A support whose fit R² ends below this is excluded (with a warning); ``-inf`` keeps
+            every support.
+        r2_target: A fit stops as soon as every support it trains reaches this R² (``inf``: never early).
+        min_margin: Floor of the median margin ``s`` in logits. The default 0 keeps ``α`` proportional to
+            the model's own margins, so GAD does not depend on the logit scale and a barely trained model
+            (margins of 0.01 logit) gets shifts it can fit; a floor of 1 asks such a model for shifts a
+            hundred times its margins, which no tail fits.
         seed: Seed of the minibatch order (a private generator).
 
     Raises:
         TypeError: For a wrong ``model`` or ``base`` type.
         ValueError: For bad values (empty ``lambdas``, ``tau`` outside ``(0, 1]``, unknown base, a base
-            explainer bound to another model or layer).
+            explainer bound to another model or layer, non-positive step counts).
 
     Example:
         >>> from lightning_xcam.demos import SmallCNN
@@ -449,10 +517,11 @@ class GAD:
         shared_trunk: bool = True,
         steps: int = 300,
         warm_steps: int = 30,
-        fit_batch_size: int = 64,
-        lr: float = 2e-2,
+        fit_batch_size: int | None = None,
+        lr: float = 1e-2,
         r2_threshold: float = 0.9,
-        min_margin: float = 1.0,
+        r2_target: float = 0.95,
+        min_margin: float = 0.0,
         seed: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -462,9 +531,17 @@ class GAD:
             raise ValueError(f"`lambdas` must be a non-empty sequence of positive numbers, got {lambdas!r}.")
         if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
             raise ValueError(f"`tau` must lie in (0, 1], got {tau!r}.")
-        for name, value in (("steps", steps), ("warm_steps", warm_steps), ("fit_batch_size", fit_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "warm_steps" else 1):
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        for name, value, least in (("steps", steps, 1), ("warm_steps", warm_steps, 0), ("fit_batch_size", fit_batch_size, 1)):
+            if value is None and name == "fit_batch_size":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"`{name}` must be an int >= {least}, got {value!r}.")
+        for name, value in (("lr", lr), ("min_margin", min_margin)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        for name, value in (("r2_threshold", r2_threshold), ("r2_target", r2_target)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise ValueError(f"`{name}` must be a number (±inf allowed), got {value!r}.")
         if split is not None and not isinstance(split, str):
             raise TypeError(f"`split` must be a dotted module name or None, got {type(split).__name__}.")
         self.model = model
@@ -472,7 +549,8 @@ class GAD:
         self.tau = float(tau)
         self.shared_trunk = bool(shared_trunk)
         self.steps, self.warm_steps, self.fit_batch_size = steps, warm_steps, fit_batch_size
-        self.lr, self.r2_threshold, self.min_margin, self.seed = float(lr), float(r2_threshold), float(min_margin), seed
+        self.lr, self.min_margin, self.seed = float(lr), float(min_margin), seed
+        self.r2_threshold, self.r2_target = float(r2_threshold), float(r2_target)
         self._split_spec = split
         self._layer_name = resolve_layer(model, target_layer)[0] if target_layer is not None else None
         self._base_kwargs = dict(base_kwargs or {})
@@ -481,6 +559,8 @@ class GAD:
         self._feed = _Feed()
         self._plan: _Plan | None = None
         self._original: nn.Module | None = None
+        self._bias: str | None = None
+        self._structure: tuple[int, ...] = ()
         self._versions: list[int] = []
         self._fits = 0
         self._previous_masks: dict[tuple[int, int], Tensor] = {}
@@ -527,13 +607,21 @@ class GAD:
         return self._base
 
     # ----------------------------------------------------------------- fit
+    # ----------------------------------------------------------------- fit
 
     def fit(self, x_fit: Tensor) -> None:
         """Train (first call) or refresh (later calls, warm start) the support models on ``x_fit``.
 
+        Cost: one no-grad forward pass of the model over ``x_fit`` plus, per Adam step, a forward and a
+        backward pass of the ``k`` support tails (not of the trunk) over the cached trunk outputs. A
+        refresh whose supports still fit their targets takes no step. The structural analysis (the split,
+        the self-containment check) runs on the first call only, or again when the model's parameters are
+        replaced by other tensors.
+
         Args:
-            x_fit: ``[N, C, H, W]`` training images in model-input space (512–2048 is typical), disjoint
-                from the images to explain.
+            x_fit: ``[N, C, H, W]`` training images in model-input space, disjoint from the images to
+                explain. 256 is enough for ten classes (the fit is a low-dimensional regression of the
+                tails' logits); the cost of a refresh grows linearly with ``N``.
 
         Raises:
             ValueError: If the trunk/tail split is not self-contained (the shared-trunk ensemble does not
@@ -548,13 +636,34 @@ class GAD:
             if self._base is None:
                 bank = x[torch.linspace(0, x.shape[0] - 1, min(_DEFAULT_BANK, x.shape[0]), device=device).long()]
                 self._base = ExpectedGradCAM(self.model, self._layer_name, references=bank, **self._base_kwargs)
-            self._plan = self._make_plan(x)
-            self._original = _head(self.model, self._plan, self._feed, trainable=False) if self._plan.split else self.model
-            feeds, logits = self._trunk_and_logits(x)
-            self._check_self_contained(x, feeds, logits)
+            structure = tuple(id(p) for p in self.model.parameters())
+            rebuilt = self._plan is None or structure != self._structure
+            try:
+                if rebuilt:
+                    self._build(x)
+                feeds, logits = self._trunk_and_logits(x)
+                if rebuilt:
+                    self._check_self_contained(x, feeds, logits)
+            except Exception:
+                self._plan = None  # a refused split must be analysed again, not reused
+                raise
+            self._structure = structure
             self._fit_supports(x, feeds, logits)
             self._versions = [p._version for p in self.model.parameters()]
             self._fits += 1
+
+    def _build(self, x: Tensor) -> None:
+        """The split, the original's head, one trainable head per support and the output bias; the
+        supports start cold."""
+        self._plan = self._make_plan(x)
+        self._original = _head(self.model, self._plan, self._feed, trainable=False) if self._plan.split else self.model
+        for support in self._supports:
+            support.head = _head(self.model, self._plan, self._feed, trainable=True)
+            for name, param in support.head.named_parameters():
+                if name in self._plan.tail_params:
+                    param.requires_grad_(False)  # only while its own fit runs
+            support.delta = None
+        self._bias = _output_bias(self.model, x, self._plan.tail_params)
 
     def _make_plan(self, x: Tensor) -> _Plan:
         if not self.shared_trunk:
@@ -572,18 +681,18 @@ class GAD:
     def _linear_tail(self, x: Tensor, layer: str) -> bool:
         """Whether ``∂y_0/∂A`` at the CAM layer is the same for every input (an affine head)."""
         probe = _LayerProbe(self.model, [self.model.get_submodule(layer)])
-        sample = x[: min(8, x.shape[0])]
+        sample = x[: min(64, x.shape[0])]  # enough inputs to meet different ReLU patterns in a non-linear head
         _, grads, _ = probe.gradients(sample, torch.zeros(sample.shape[0], dtype=torch.long, device=x.device))
         spread = (grads - grads[:, :1]).abs().amax()
         return bool(spread <= 1e-6 * grads.abs().amax().clamp_min(1e-12))
 
     def _trunk_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Cached trunk outputs (``x`` for full copies) and the model's logits, from one forward pass each."""
+        """Cached trunk outputs (``x`` for full copies) and the model's logits, from one forward pass."""
         assert self._plan is not None
         split = self._plan.split
         feeds, logits = [], []
         with torch.no_grad():
-            for part in x.split(self.fit_batch_size * 4):
+            for part in x.split(_CHUNK):
                 captured: list[Tensor] = []
                 handle = None
                 if split is not None:
@@ -602,13 +711,13 @@ class GAD:
         assert self._plan is not None and self._original is not None
         return _Ensemble(self.model, self._plan, [self._original, *members], self._feed)
 
-    def _predict(self, ensemble: _Ensemble, x: Tensor, feeds: Tensor, members: Sequence[nn.Module]) -> Tensor:
+    def _predict(self, x: Tensor, feeds: Tensor, members: Sequence[nn.Module]) -> Tensor:
         """Logits ``[M, N, K]`` of ``members`` on cached trunk outputs, without gradients."""
-        step = self.fit_batch_size * 4
+        ensemble = self._ensemble([])
         with torch.no_grad():
             parts = [
-                ensemble.heads(x[i : i + step], [feeds[i : i + step]] * len(members), members)
-                for i in range(0, x.shape[0], step)
+                ensemble.heads(x[i : i + _CHUNK], [feeds[i : i + _CHUNK]] * len(members), members)
+                for i in range(0, x.shape[0], _CHUNK)
             ]
         return torch.cat(parts, dim=1)
 
@@ -621,9 +730,14 @@ class GAD:
             "boundary, or `shared_trunk=False`."
         )
         try:
-            # One minibatch is enough to catch a tail that reads another trunk value; it keeps refreshes cheap.
-            n = min(x.shape[0], self.fit_batch_size)
-            replay = self._predict(self._ensemble([]), x[:n], feeds[:n], [self._original])[0]
+            # One chunk is enough to catch a tail that reads another trunk value, or writes into its input
+            # (then every head gets its own copy of the trunk output; otherwise they share it).
+            n = min(x.shape[0], 64)
+            probe = feeds[:n].clone()
+            version = probe._version
+            self._feed.copy = False
+            replay = self._predict(x[:n], probe, [self._original])[0]
+            self._feed.copy = probe._version != version
             logits = logits[:n]
         except RuntimeError as err:
             raise ValueError(
@@ -650,39 +764,41 @@ class GAD:
         assert self._plan is not None
         predicted, others, margin = self._targets(logits)
         alphas = [s.lam * margin for s in self._supports]
-        goals = [logits - a * others for a in alphas]
+        goals = torch.stack([logits - a * others for a in alphas])
         generator = torch.Generator(device=x.device)
         generator.manual_seed(hash((self.seed, self._fits)) & ((1 << 63) - 1))
         for support in self._supports:
-            support.refit = False
-            support.head = self._support_head(support.delta)
+            support.refit, support.steps = False, 0
+            self._restart(support, support.delta)
         cold = [i for i, s in enumerate(self._supports) if s.delta is None]
         warm = [i for i, s in enumerate(self._supports) if s.delta is not None]
-        self._train(cold, x, feeds, goals, self.steps, generator)
-        self._train(warm, x, feeds, goals, self.warm_steps, generator)
-        self._score(x, feeds, goals, predicted)
-        bad = [i for i, s in enumerate(self._supports) if not s.fit_r2 >= self.r2_threshold]  # NaN is bad too
+        self._train(cold, x, feeds, goals, predicted, self.steps, generator)
+        self._train(warm, x, feeds, goals, predicted, self.warm_steps, generator)
+        # A warm support that no longer fits restarts cold once (its offsets may be stale beyond repair); a
+        # cold one is not retried: the same start and budget would give the same fit.
+        bad = [i for i in warm if not self._supports[i].fit_r2 >= self.r2_threshold]  # NaN is bad too
         for i in bad:
-            self._supports[i].head = self._support_head(None)
+            self._restart(self._supports[i], None)
             self._supports[i].refit = True
-        self._train(bad, x, feeds, goals, self.steps, generator)
-        if bad:
-            self._score(x, feeds, goals, predicted)
+        self._train(bad, x, feeds, goals, predicted, self.steps, generator)
+        current = dict(self.model.named_parameters())
         for support in self._supports:
-            support.active = support.fit_r2 >= self.r2_threshold
             assert support.head is not None
-            # Offsets from the current original: the next fit starts from θ_f(then) + Δ.
-            params = dict(support.head.named_parameters())
-            current = dict(self.model.named_parameters())
-            support.delta = {n: (params[n] - current[n]).detach() for n in self._plan.tail_params}
-            if not support.active:
+            support.active = support.fit_r2 >= self.r2_threshold
+            if support.active:
+                # Offsets from the current original: the next fit starts from θ_f(then) + Δ.
+                params = dict(support.head.named_parameters())
+                support.delta = {n: (params[n] - current[n]).detach() for n in self._plan.tail_params}
+            else:
                 support.delta = None
                 warnings.warn(
                     f"GAD support λ={support.lam} fits its distanced targets with R²={support.fit_r2:.3f} < "
-                    f"{self.r2_threshold} even after a reset; it is excluded from the fusion.",
+                    f"{self.r2_threshold} after {support.steps} Adam steps; it is excluded from the fusion and restarts "
+                    "cold at the next fit"
+                    + (" (no support is left: GAD returns the thresholded base map)." if not any(
+                        s.fit_r2 >= self.r2_threshold for s in self._supports) else "."),
                     stacklevel=3,
                 )
-            support.head.requires_grad_(False)
         self.diagnostics = {
             "fit_r2": [s.fit_r2 for s in self._supports],
             "agreement": [s.agreement for s in self._supports],
@@ -690,67 +806,134 @@ class GAD:
             "lambdas": list(self.lambdas),
             "margin": margin,
             "active": [s.active for s in self._supports],
+            "fallback": not any(s.active for s in self._supports),
             "refit": [s.refit for s in self._supports],
+            "steps": [s.steps for s in self._supports],
             "split": self._plan.split,
             "fits": self._fits + 1,
         }
 
-    def _support_head(self, delta: dict[str, Tensor] | None) -> nn.Module:
-        assert self._plan is not None
-        head = _head(self.model, self._plan, self._feed, trainable=True)
-        if delta is not None:
-            params = dict(head.named_parameters())
-            with torch.no_grad():
-                for name, offset in delta.items():
-                    params[name].add_(offset.to(params[name].device))
-        return head
+    def _restart(self, support: _Support, delta: dict[str, Tensor] | None) -> None:
+        """Set a support's tail to the original's current tail plus ``delta`` (zero when ``None``)."""
+        assert support.head is not None and self._plan is not None
+        own = dict(support.head.named_parameters())
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in self._plan.tail_params:
+                    offset = None if delta is None else delta.get(name)
+                    own[name].copy_(param if offset is None else param + offset.to(param.device))
+
+    def _center(self, heads: Sequence[nn.Module], pred: Tensor, goals: Tensor) -> None:
+        """Add the least-squares constant ``mean(goal − pred)`` to each head's output bias (and to
+        ``pred``, in place). A constant on the logits changes no gradient, hence no map."""
+        if self._bias is None:
+            return
+        offsets = (goals - pred).mean(dim=1)
+        with torch.no_grad():
+            for head, offset in zip(heads, offsets):
+                dict(head.named_parameters())[self._bias].add_(offset)
+        pred.add_(offsets[:, None])
 
     def _train(
-        self, which: list[int], x: Tensor, feeds: Tensor, goals: list[Tensor], steps: int, generator: torch.Generator
+        self,
+        which: list[int],
+        x: Tensor,
+        feeds: Tensor,
+        goals: Tensor,
+        predicted: Tensor,
+        budget: int,
+        generator: torch.Generator,
     ) -> None:
-        """Adam on the tails of the supports ``which`` (MSE to their distanced targets), in eval mode.
+        """Fit the tails of the supports ``which`` to their distanced targets (MSE, Adam, eval mode) and
+        score them on the whole fit set.
 
         Only the supports' own parameters are optimised, with ``torch.autograd.grad``; the original's
         parameters and ``.grad`` are never part of it.
         """
-        if not which or steps == 0:
+        if not which:
             return
-        assert self._plan is not None
-        heads = [self._supports[i].head for i in which]
+        heads: list[nn.Module] = [self._supports[i].head for i in which]  # type: ignore[misc]
+        targets = goals[which]
+        n = x.shape[0]
+        full = self.fit_batch_size is None or self.fit_batch_size >= n
+        pred = self._predict(x, feeds, heads)
+        steps = 0
+        if budget > 0 and not self._reached(pred, targets):
+            steps = self._adam(which, heads, x, feeds, targets, budget, generator, full)
+            pred = self._predict(x, feeds, heads)
+        self._center(heads, pred, targets)
+        r2 = _r2(pred, targets)
+        for j, i in enumerate(which):
+            support = self._supports[i]
+            support.fit_r2 = float(r2[j])
+            support.agreement = float((pred[j].argmax(dim=1) == predicted).float().mean())
+            support.steps += steps
+
+    def _reached(self, pred: Tensor, targets: Tensor) -> bool:
+        """Whether every head reaches ``r2_target`` once its output offset is re-centred (as every fit
+        ends); an exact bias step is free, so the check counts it, but training never takes it early:
+        learning the shift through the weights is what makes the supports' maps differ from the original's."""
+        if self._bias is None:
+            return bool((_r2(pred, targets) >= self.r2_target).all())
+        return bool((_r2(pred, targets, centered=True) >= self.r2_target).all())
+
+    def _adam(
+        self,
+        which: list[int],
+        heads: list[nn.Module],
+        x: Tensor,
+        feeds: Tensor,
+        targets: Tensor,
+        budget: int,
+        generator: torch.Generator,
+        full: bool,
+    ) -> int:
+        """Adam steps until every head reaches ``r2_target`` (checked on each step's own forward pass,
+        exact when ``full``) or ``budget`` steps; returns the steps taken."""
+        own = [{id(p) for n, p in h.named_parameters() if n in self._plan.tail_params} for h in heads]  # type: ignore[union-attr]
         groups = [
             # The parameter change needed grows with the shift α_i ∝ λ_i; Adam's steps do not, so scale them.
-            {"params": [p for p in h.parameters() if p.requires_grad], "lr": self.lr * self._supports[i].lam}  # type: ignore[union-attr]
-            for h, i in zip(heads, which)
+            {"params": [p for p in h.parameters() if id(p) in ids], "lr": self.lr * self._supports[i].lam}
+            for h, ids, i in zip(heads, own, which)
         ]
         params = [p for g in groups for p in g["params"]]
         optimizer = torch.optim.Adam(groups, lr=self.lr, foreach=True)
         # Cosine decay to zero: large early steps reach the wide margins, small late steps settle the fit.
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / budget)))
         ensemble = self._ensemble([])
         n = x.shape[0]
-        order = torch.randperm(n, generator=generator, device=x.device)
-        cursor = 0
-        for _ in range(steps):
-            if cursor + self.fit_batch_size > n:
-                order, cursor = torch.randperm(n, generator=generator, device=x.device), 0
-            idx = order[cursor : cursor + self.fit_batch_size]
-            cursor += self.fit_batch_size
-            out = ensemble.heads(x[idx], [feeds[idx]] * len(heads), heads)  # type: ignore[arg-type]
-            loss = sum(F.mse_loss(out[j], goals[i][idx]) for j, i in enumerate(which))
-            grads = torch.autograd.grad(loss, params)
-            for p, g in zip(params, grads):
-                p.grad = g
-            optimizer.step()
-            schedule.step()
-        for p in params:
-            p.grad = None
-
-    def _score(self, x: Tensor, feeds: Tensor, goals: list[Tensor], predicted: Tensor) -> None:
-        heads = [s.head for s in self._supports]
-        out = self._predict(self._ensemble([]), x, feeds, heads)  # type: ignore[arg-type]
-        for support, pred, goal in zip(self._supports, out, goals):
-            support.fit_r2 = _r2(pred, goal)
-            support.agreement = float((pred.argmax(dim=1) == predicted).float().mean())
+        batch = n if full else int(self.fit_batch_size)  # type: ignore[arg-type]
+        order, cursor = torch.randperm(n, generator=generator, device=x.device), 0
+        steps = 0
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            while True:
+                if full:
+                    xs, fs, ts = x, feeds, targets
+                else:
+                    if cursor + batch > n:
+                        order, cursor = torch.randperm(n, generator=generator, device=x.device), 0
+                    idx = order[cursor : cursor + batch]
+                    cursor += batch
+                    xs, fs, ts = x[idx], feeds[idx], targets[:, idx]
+                with torch.enable_grad():
+                    out = ensemble.heads(xs, [fs] * len(heads), heads)
+                if steps > 0 and self._reached(out.detach(), ts):
+                    break
+                loss = (out - ts).pow(2).mean(dim=(1, 2)).sum()
+                for p, g in zip(params, torch.autograd.grad(loss, params)):
+                    p.grad = g
+                optimizer.step()
+                schedule.step()
+                steps += 1
+                if steps == budget:
+                    break
+        finally:
+            for p in params:
+                p.grad = None
+                p.requires_grad_(False)
+        return steps
 
     def support_model(self, index: int) -> nn.Module:
         """A standalone copy of the original model carrying support ``index``'s trained tail (eval mode).
@@ -827,7 +1010,9 @@ class GAD:
                 maps, c = self._base.maps(ensemble, x, targets)
             else:
                 assert self._layer_name is not None
-                probe = _LayerProbe(ensemble, [m.get_submodule(self._layer_name) for m in ensemble.members])
+                layers = [m.get_submodule(self._layer_name) for m in ensemble.members]
+                shared = self._plan.split == self._layer_name
+                probe = (_SharedActivations if shared else _LayerProbe)(ensemble, layers)
                 result = self._base.run(probe, x, targets, sample_ids, stream)
                 maps, c = result.maps, result.targets
         masks = _masks(maps, self.tau)
