@@ -35,7 +35,7 @@ from urllib.parse import quote
 import torch
 from PIL import Image
 
-from lightning_xcam.tensorboard import custom_scalar_layout, scalars_url, write_layout
+from lightning_xcam.tensorboard import custom_scalar_layout, scalars_url
 
 WINDOW = (1400, 1000)
 OVERVIEW_WINDOW = (1100, 740)  # the README picture: two probe items, every method
@@ -89,7 +89,6 @@ def demo_fit(root: Path, quick: bool = True) -> Path:
     pl.seed_everything(0)
     data = DigitsDataModule()
     logger = TensorBoardLogger(str(root), name="", version=0)
-    write_layout(logger.experiment, DEMO_METHODS)
     settings = (dict(num_probe=8, n_samples=2, steps=4, n_perturb=2, num_references=8, floor_size=4,
                      metrics=("insertion", "deletion", "infidelity"), log_images=4)
                 if quick else dict(num_probe=16, n_samples=8))

@@ -31,12 +31,13 @@ from typing_extensions import override
 from lightning_xcam import drift as drift_stats
 from lightning_xcam import metrics as xm
 from lightning_xcam.alerts import Alert, WarningRule, evidence_image, observe
-from lightning_xcam.maps import degenerate, unit_mass
+from lightning_xcam.maps import degenerate
 from lightning_xcam.methods._guard import explanation_context, fresh_input
 from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM, IntegratedGradCAM, _LayerProbe
 from lightning_xcam.methods.layers import resolve_layer
-from lightning_xcam.render import explanation_panel
+from lightning_xcam.render import DISPLAY_CONCENTRATION, explanation_panel, relative_mass
 from lightning_xcam.store import ExplanationStore
+from lightning_xcam.tensorboard import DETERMINISTIC_METHODS, write_layout
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,7 @@ _METRIC_TAGS = {
     "sparseness": "sparseness",
     "entropy": "entropy",
 }
-_DETERMINISTIC = {"gradcam", "integrated_gradcam"}
 _STATE_VERSION = 1
-# Colour scale of logged heatmaps: a cell's share of the map's mass relative to a uniform map; full colour
-# at this many times the uniform share. Comparable across epochs and samples whatever the raw scale.
-_DISPLAY_CONCENTRATION = 4.0
 
 
 class ExplanationMonitor(Callback):
@@ -255,6 +252,9 @@ class ExplanationMonitor(Callback):
         if self.store_path is not False and trainer.is_global_zero and self._store is None:
             self._store = ExplanationStore(self._resolve_store_path(trainer), run=self.run_id)
             self._store.write_config(self._config())
+        if trainer.is_global_zero:
+            for logger in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
+                write_layout(logger.experiment, self.methods)  # CUSTOM SCALARS opens on the curves to read first
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -342,11 +342,12 @@ class ExplanationMonitor(Callback):
         maps_by_method: dict[str, Tensor] = {}
         floors: dict[str, tuple[Tensor, Tensor]] = {}
         rank_zero_info(f"xcam: explaining {data.total} probe items at epoch {epoch} with {', '.join(self.methods)}")
-        for method in self.methods:
+        for position, method in enumerate(self.methods, start=1):
+            method_started = time.perf_counter()
             explainer = self._explainer(method, pl_module)
             maps = explainer(data.x, data.targets, sample_ids=data.ids)
             values = self._scores(method, explainer, pl_module, data, maps, evaluation, minimal)
-            if method not in _DETERMINISTIC and data.floor:
+            if method not in DETERMINISTIC_METHODS and data.floor:
                 # the noise-floor replicate: the first items of every shard again, on random stream 1
                 replicate = torch.zeros_like(maps)
                 replicate[: data.floor] = explainer(data.x[: data.floor], data.targets[: data.floor],
@@ -359,6 +360,8 @@ class ExplanationMonitor(Callback):
                 flag = gathered.pop("floor_flag").bool()
                 floors[method] = (gathered.pop("floor_maps"), flag)
             per_sample[method] = gathered
+            rank_zero_info(f"xcam: [{position}/{len(self.methods)}] {method}: explained and scored in "
+                           f"{time.perf_counter() - method_started:.1f} s")
         summaries, drift_rows, small_maps = self._drift(maps_by_method, floors, self._data.ids[: data.total])
         for method, values in per_sample.items():
             for name, value in values.items():
@@ -380,6 +383,8 @@ class ExplanationMonitor(Callback):
                     metrics=per_sample, drift=drift_rows, summaries=summaries, maps=small_maps, alerts=new_alerts,
                 )
         self.history.append({"epoch": epoch, "step": step, **summaries})
+        rank_zero_info(f"xcam: epoch {epoch} done in {summaries['xcam/time_s']:.1f} s, "
+                       f"{len(new_alerts)} new shortcut alert(s)")
         self._maybe_stop(trainer, new_alerts)
 
     def _explainer(self, method: str, pl_module: pl.LightningModule) -> Any:
@@ -479,7 +484,7 @@ class ExplanationMonitor(Callback):
     ) -> list[Alert]:
         """Feed this evaluation's shortcut signals (on the first stochastic method's maps) to the rule."""
         assert self._data is not None
-        method = next((m for m in self.methods if m not in _DETERMINISTIC), self.methods[0])
+        method = self._shortcut_method
         replicate, rows = floors.get(method, (None, None))
         observations = observe(
             pl_module, self._data.x[:total], maps_by_method[method], self._data.targets[:total], self._data.ids[:total],
@@ -492,6 +497,11 @@ class ExplanationMonitor(Callback):
             rank_zero_warn(f"ExplanationMonitor: {alert.message}", category=UserWarning)
         self.alerts.extend(alerts)
         return alerts
+
+    @property
+    def _shortcut_method(self) -> str:
+        """The method whose maps feed the shortcut signals: the first stochastic one (it has a noise floor)."""
+        return next((m for m in self.methods if m not in DETERMINISTIC_METHODS), self.methods[0])
 
     def _maybe_stop(self, trainer: pl.Trainer, new_alerts: list[Alert]) -> None:
         if self.on_alert != "stop" or trainer.fast_dev_run:
@@ -514,16 +524,17 @@ class ExplanationMonitor(Callback):
         for method, maps in maps_by_method.items():
             if not count:
                 break
-            shown = unit_mass(maps[:count].cpu().float()) * maps.shape[-2] * maps.shape[-1]
-            panels = explanation_panel(images, shown, vmax=_DISPLAY_CONCENTRATION)
+            shown = maps[:count].cpu()
+            panels = explanation_panel(images, relative_mass(shown), vmax=DISPLAY_CONCENTRATION)
+            panels[degenerate(shown), :, :, images.shape[-1]:] = 0.5  # grey: no map, not "no relevance"
             for logger in loggers:
                 for i, panel in enumerate(panels):
                     tag = f"xcam_images/{method}/probe_{int(self._data.ids[i]):03d}"
                     logger.experiment.add_image(tag, panel, global_step=step)
-        method = next((m for m in self.methods if m not in _DETERMINISTIC), self.methods[0])  # as _check_shortcuts
+        method = self._shortcut_method
         seen = maps_by_method[method].cpu()
         evidence = {alert: evidence_image(self._data.x[: len(seen)], seen, self._data.ids[: len(seen)],
-                                          alert.sample_indices, vmax=_DISPLAY_CONCENTRATION)
+                                          alert.sample_indices, vmax=DISPLAY_CONCENTRATION)
                     for alert in alerts if alert.sample_indices}
         for logger in loggers:
             for alert in alerts:
@@ -651,10 +662,10 @@ def _stack(items: list[Any]) -> tuple[Tensor, Tensor | None, Tensor | None]:
 
 def _alert_markdown(alert: Alert) -> str:
     """An alert as TensorBoard TEXT: the message, then its numbers and the probe items that show it."""
-    where = "all classes" if alert.class_index is None else f"class {alert.class_index}"
+    where = "all" if alert.class_index is None else str(alert.class_index)
     items = ", ".join(str(i) for i in alert.sample_indices[:16]) or "-"
-    return (f"**{alert.message}**\n\n| kind | {where} | score | threshold | probe items |\n|---|---|---|---|---|\n"
-            f"| {alert.kind} | epoch {alert.epoch} | {alert.score:.4g} | {alert.threshold:.4g} | {items} |")
+    return (f"**{alert.message}**\n\n| kind | class | epoch | score | threshold | probe items |\n|---|---|---|---|---|---|\n"
+            f"| {alert.kind} | {where} | {alert.epoch} | {alert.score:.4g} | {alert.threshold:.4g} | {items} |")
 
 
 def _run_name(trainer: pl.Trainer) -> str:

@@ -24,9 +24,13 @@ import torch
 from torch import Tensor
 
 from lightning_xcam._checks import check_images, check_maps
-from lightning_xcam.maps import display_normalize, upsample
+from lightning_xcam.maps import display_normalize, unit_mass, upsample
 
-__all__ = ["COLORMAPS", "colormap", "scale_maps", "overlay", "explanation_panel", "grid", "to_png"]
+#: The fixed colour scale of the monitor's heatmaps (TensorBoard, report, alert evidence): a cell at this
+#: many times a uniform map's share of the mass is drawn at full colour (see :func:`relative_mass`).
+DISPLAY_CONCENTRATION = 4.0
+
+__all__ = ["COLORMAPS", "DISPLAY_CONCENTRATION", "colormap", "relative_mass", "scale_maps", "overlay", "explanation_panel", "grid", "to_png"]
 
 # Anchor colours (sRGB in [0, 1]) at t = 0, 1/16, ..., 1.
 _ANCHORS: dict[str, tuple[tuple[float, float, float], ...]] = {
@@ -277,3 +281,22 @@ def to_png(image: Tensor, compression_level: int = 6) -> bytes:
         + chunk(b"IDAT", zlib.compress(bytes(raw.flatten().tolist()), compression_level))
         + chunk(b"IEND", b"")
     )
+
+
+def relative_mass(maps: Tensor) -> Tensor:
+    """Each cell's share of its map's mass relative to a uniform map (1 = uniform; all-zero maps stay 0).
+
+    Comparable across epochs and samples whatever the explainer's raw scale; draw it with
+    ``scale_maps(relative_mass(maps), vmax=DISPLAY_CONCENTRATION)``.
+
+    Args:
+        maps: Raw non-negative maps ``[B, h, w]``.
+
+    Returns:
+        Float32 ``[B, h, w]`` summing to ``h·w`` per non-degenerate map.
+
+    Example:
+        >>> relative_mass(torch.tensor([[[1.0, 3.0]]]))
+        tensor([[[0.5000, 1.5000]]])
+    """
+    return unit_mass(maps.float()) * (maps.shape[-2] * maps.shape[-1])

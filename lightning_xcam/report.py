@@ -8,7 +8,7 @@ inline SVG drawn here, heatmaps are PNG data URIs (:func:`lightning_xcam.render.
 sheet is inline; it loads nothing from the network and runs no script.
 
 Heatmap colour follows the TensorBoard images of :class:`~lightning_xcam.ExplanationMonitor`: a cell's
-share of the map's mass relative to a uniform map, full colour at :data:`DISPLAY_CONCENTRATION` ×
+share of the map's mass relative to a uniform map, full colour at :data:`lightning_xcam.render.DISPLAY_CONCENTRATION` ×
 uniform, so colours compare across epochs, samples and methods.
 
 Example:
@@ -34,13 +34,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_xcam.maps import degenerate, unit_mass
-from lightning_xcam.render import colormap, scale_maps, to_png
+from lightning_xcam.maps import degenerate
+from lightning_xcam.render import DISPLAY_CONCENTRATION, colormap, relative_mass, scale_maps, to_png
 from lightning_xcam.store import ExplanationStore
 
 __all__ = [
     "MAIN_COLUMNS",
-    "DISPLAY_CONCENTRATION",
     "RunReport",
     "load_report",
     "format_text",
@@ -53,9 +52,6 @@ __all__ = [
 MAIN_COLUMNS: tuple[str, ...] = (
     "insertion_auc", "deletion_auc", "infidelity", "max_sensitivity", "drift_spearman", "drift_floor_units",
 )
-
-#: Concentration (multiple of a uniform map's cell mass) drawn at full colour; the callback's TensorBoard scale.
-DISPLAY_CONCENTRATION = 4.0
 
 _METRIC_CHARTS = ("insertion_auc", "deletion_auc", "insertion_minus_deletion", "infidelity", "max_sensitivity")
 _DRIFT_CHARTS = ("drift_spearman", "drift_floor_units", "drift_spearman_first", "drift_floor_units_first",
@@ -453,7 +449,7 @@ def _data_uri(image: Tensor) -> str:
 
 def _heat_images(maps: Tensor, cmap: str) -> list[str]:
     """PNG data URIs of maps on the fixed concentration scale (see the module docstring)."""
-    concentration = unit_mass(maps.float()) * (maps.shape[-2] * maps.shape[-1])
+    concentration = relative_mass(maps)
     return [_data_uri(rgb) for rgb in colormap(scale_maps(concentration, DISPLAY_CONCENTRATION), cmap)]
 
 

@@ -16,11 +16,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xcam import ExplanationMonitor
 from lightning_xcam.demos import DigitsClassifier, load_digits_tensors
 from lightning_xcam.store import ExplanationStore
+from lightning_xcam.tensorboard import custom_scalar_layout
 
 FAST = dict(methods=("expected_gradcam",), num_probe=6, n_samples=3, num_references=8, num_fit=48, floor_size=3, steps=4, n_perturb=3,
             log_images=2, sensitivity_every=1)
@@ -77,6 +79,8 @@ def test_fit_logs_scalars_images_and_store_without_nan(tmp_path: Path) -> None:
             assert tag in trainer.callback_metrics
         assert f"xcam_images/{method}/probe_{int(monitor._data.ids[0]):03d}" in events.Tags()["images"]
     assert "xcam/time_s" in scalars and "xcam/alert" in scalars
+    (layout,) = events.Tensors("custom_scalars__config__")  # CUSTOM SCALARS opens on the headline curves
+    assert layout_pb2.Layout.FromString(layout.tensor_proto.string_val[0]) == custom_scalar_layout(FAST["methods"])
     for value in trainer.callback_metrics.values():
         assert torch.isfinite(value).all()
 

@@ -21,12 +21,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_xcam import ExplanationMonitor
 from lightning_xcam.alerts import Alert
-from lightning_xcam.callback import _DISPLAY_CONCENTRATION
 from lightning_xcam.cli import main
 from lightning_xcam.demos import DigitsClassifier, DigitsDataModule
 from lightning_xcam.maps import unit_mass
 from lightning_xcam.render import colormap, scale_maps
-from lightning_xcam.report import DISPLAY_CONCENTRATION, MAIN_COLUMNS, line_chart
+from lightning_xcam.render import DISPLAY_CONCENTRATION
+from lightning_xcam.report import MAIN_COLUMNS, line_chart
 from lightning_xcam.store import ExplanationStore
 
 FAST = dict(methods=("expected_gradcam",), num_probe=6, n_samples=3, num_references=8, num_fit=48, floor_size=3,
@@ -203,7 +203,6 @@ def test_html_is_self_contained_with_charts_heatmaps_and_epochs(fitted: Path, tm
             assert image.shape == (3, 16, 16)
             assert (image.int() - expected_image(stored[epoch][i]).int()).abs().max() <= 1
     assert "probe_ids" in page and "noise_std" in page  # the configuration
-    assert DISPLAY_CONCENTRATION == _DISPLAY_CONCENTRATION  # the colours of the monitor's TensorBoard images
 
 
 def test_report_only_reads_the_store(fitted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_xcam.render import COLORMAPS, colormap, explanation_panel, grid, overlay, scale_maps, to_png
+from lightning_xcam.render import COLORMAPS, colormap, explanation_panel, grid, overlay, relative_mass, scale_maps, to_png
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _LUMA = torch.tensor([0.2126, 0.7152, 0.0722])
@@ -159,3 +159,9 @@ def test_png_round_trip(channels: int) -> None:
     assert to_png(expected) == data  # uint8 input is written as is
     with pytest.raises(ValueError, match="\\[3, H, W\\]"):
         to_png(torch.rand(2, 4, 4))
+
+
+def test_relative_mass_is_the_share_of_a_uniform_map() -> None:
+    maps = torch.tensor([[[1.0, 3.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    assert relative_mass(maps).tolist() == [[[1.0, 3.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]
+    assert relative_mass(torch.full((1, 3, 3), 7.0)).allclose(torch.ones(1, 3, 3))

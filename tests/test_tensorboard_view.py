@@ -14,8 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_xcam import callback
-from lightning_xcam.tensorboard import DETERMINISTIC_METHODS, custom_scalar_layout, scalars_url, write_layout
+from lightning_xcam.tensorboard import custom_scalar_layout, scalars_url, write_layout
 
 METHODS = ["expected_gradcam", "gradcam"]
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tensorboard_check.py"
@@ -72,10 +71,6 @@ def test_layout_categories_charts_and_tags() -> None:
     assert titles[1] == "expected_gradcam: insertion − deletion (higher = more faithful)"
     assert "noise-floor units" in titles[2] and "1 − ρ" in titles[4]
     assert [t.split(":")[0] for t in titles[5:]] == ["expected_gradcam"] * 4 + ["gradcam"] * 4
-
-
-def test_deterministic_methods_are_the_callbacks() -> None:
-    assert DETERMINISTIC_METHODS == frozenset(callback._DETERMINISTIC)
 
 
 def test_every_chart_matches_exactly_one_logged_tag(real_tags: set[str]) -> None:
