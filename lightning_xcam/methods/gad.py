@@ -438,6 +438,7 @@ class _Support:
     agreement: float = float("nan")
     refit: bool = False
     steps: int = 0
+    moments: dict[str, dict[str, Any]] | None = None
 
 
 class GAD:
@@ -814,8 +815,11 @@ class GAD:
         }
 
     def _restart(self, support: _Support, delta: dict[str, Tensor] | None) -> None:
-        """Set a support's tail to the original's current tail plus ``delta`` (zero when ``None``)."""
+        """Set a support's tail to the original's current tail plus ``delta`` (zero when ``None``: a cold
+        start, which also forgets the optimiser's moments)."""
         assert support.head is not None and self._plan is not None
+        if delta is None:
+            support.moments = None
         own = dict(support.head.named_parameters())
         with torch.no_grad():
             for name, param in self.model.named_parameters():
@@ -898,6 +902,13 @@ class GAD:
         ]
         params = [p for g in groups for p in g["params"]]
         optimizer = torch.optim.Adam(groups, lr=self.lr, foreach=True)
+        # A warm fit continues the previous fit's Adam moments: a fresh Adam's first steps move every weight
+        # by the full learning rate, which throws a support that nearly fits far off its fit.
+        named = [{n: p for n, p in h.named_parameters() if id(p) in ids} for h, ids in zip(heads, own)]
+        for i, params_i in zip(which, named):
+            for name, param in params_i.items():
+                if self._supports[i].moments is not None and name in self._supports[i].moments:  # type: ignore[operator]
+                    optimizer.state[param] = self._supports[i].moments[name]  # type: ignore[index]
         # Cosine decay to zero: large early steps reach the wide margins, small late steps settle the fit.
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / budget)))
         ensemble = self._ensemble([])
@@ -933,6 +944,8 @@ class GAD:
             for p in params:
                 p.grad = None
                 p.requires_grad_(False)
+        for i, params_i in zip(which, named):
+            self._supports[i].moments = {n: optimizer.state[p] for n, p in params_i.items() if p in optimizer.state}
         return steps
 
     def support_model(self, index: int) -> nn.Module:
