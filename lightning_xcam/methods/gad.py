@@ -894,21 +894,22 @@ class GAD:
     ) -> int:
         """Adam steps until every head reaches ``r2_target`` (checked on each step's own forward pass,
         exact when ``full``) or ``budget`` steps; returns the steps taken."""
-        own = [{id(p) for n, p in h.named_parameters() if n in self._plan.tail_params} for h in heads]  # type: ignore[union-attr]
+        assert self._plan is not None
+        named = [{n: p for n, p in h.named_parameters() if n in self._plan.tail_params} for h in heads]
         groups = [
             # The parameter change needed grows with the shift α_i ∝ λ_i; Adam's steps do not, so scale them.
-            {"params": [p for p in h.parameters() if id(p) in ids], "lr": self.lr * self._supports[i].lam}
-            for h, ids, i in zip(heads, own, which)
+            {"params": list(own.values()), "lr": self.lr * self._supports[i].lam}
+            for own, i in zip(named, which)
         ]
         params = [p for g in groups for p in g["params"]]
         optimizer = torch.optim.Adam(groups, lr=self.lr, foreach=True)
         # A warm fit continues the previous fit's Adam moments: a fresh Adam's first steps move every weight
         # by the full learning rate, which throws a support that nearly fits far off its fit.
-        named = [{n: p for n, p in h.named_parameters() if id(p) in ids} for h, ids in zip(heads, own)]
-        for i, params_i in zip(which, named):
-            for name, param in params_i.items():
-                if self._supports[i].moments is not None and name in self._supports[i].moments:  # type: ignore[operator]
-                    optimizer.state[param] = self._supports[i].moments[name]  # type: ignore[index]
+        for own, i in zip(named, which):
+            moments = self._supports[i].moments or {}
+            for name, param in own.items():
+                if name in moments:
+                    optimizer.state[param] = moments[name]
         # Cosine decay to zero: large early steps reach the wide margins, small late steps settle the fit.
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / budget)))
         ensemble = self._ensemble([])
@@ -944,8 +945,8 @@ class GAD:
             for p in params:
                 p.grad = None
                 p.requires_grad_(False)
-        for i, params_i in zip(which, named):
-            self._supports[i].moments = {n: optimizer.state[p] for n, p in params_i.items() if p in optimizer.state}
+        for own, i in zip(named, which):
+            self._supports[i].moments = {n: optimizer.state[p] for n, p in own.items() if p in optimizer.state}
         return steps
 
     def support_model(self, index: int) -> nn.Module:
