@@ -1,8 +1,8 @@
 """Shortcut early-warning benchmark: planted shortcuts on packaged data, each with a clean twin.
 
-Run ``python benchmarks/shortcuts.py`` (full, about 25 minutes on 2 CPU cores) or ``--quick`` (a few
-minutes). Every run trains :class:`~lightning_xcam.demos.SmallCNN` (width 8, Adam 3e-3, batch 16) with the
-real :class:`~lightning_xcam.ExplanationMonitor` inside ``Trainer.fit`` (Expected Grad-CAM, 48 probe items
+Run ``python benchmarks/shortcuts.py`` (full: 153 runs, 16 minutes measured on 2 shared CPU cores) or
+``--quick`` (15 runs, about 2 minutes). Every run trains :class:`~lightning_xcam.demos.SmallCNN` (width 8,
+Adam 3e-3, batch 16) with the real :class:`~lightning_xcam.ExplanationMonitor` inside ``Trainer.fit`` (Expected Grad-CAM, 48 probe items
 drawn from the validation set, one evaluation per epoch, default :class:`~lightning_xcam.alerts.WarningRule`
 and :func:`~lightning_xcam.alerts.observe` settings: the product as shipped, no per-task tuning).
 

@@ -14,6 +14,10 @@ The maths of ALGORITHMS.md §6, tensor in / tensor out, batched, device-agnostic
   :class:`Alert` s. A signal must rise above its own noise floor for ``patience`` consecutive
   evaluations *and* sit at an abnormal level *and* (when supplied) be confirmed interventionally.
   Drift alone is never a shortcut alarm (its CUSUM alert is informational, kind ``"drift"``).
+* **One evaluation** (what :class:`~lightning_xcam.ExplanationMonitor` calls): :func:`observe` turns a
+  probe's maps into observations (border mass, tiny-region reliance, the most suspicious spectral cluster,
+  spurious mass with masks), each with its interventional check; :func:`evidence_image` draws an alert's
+  flagged items and their mean map for TensorBoard.
 
 Maps are raw non-negative ``[B, h, w]`` explanations at any resolution; every statistic uses unit-mass
 maps (ALGORITHMS §1.4). Degenerate maps (max ≤ 0 or non-finite, :func:`lightning_xcam.maps.degenerate`)
