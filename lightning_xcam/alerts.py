@@ -64,6 +64,8 @@ __all__ = [
     "top_region",
     "Reliance",
     "region_reliance",
+    "Sufficiency",
+    "region_sufficiency",
     "observe",
     "evidence_image",
 ]
@@ -776,6 +778,25 @@ def _shift_masks(masks: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
     return out.bool() & rows_ok[..., None] & cols_ok[:, :, None, :]
 
 
+def _check_regions(x: Tensor, region_masks: object, n_random: object, max_batch: int | None) -> Tensor:
+    """Validate the shared arguments of :func:`region_reliance` and :func:`region_sufficiency`."""
+    check_images(x)
+    batch, _, height, width = x.shape
+    if not isinstance(region_masks, Tensor):
+        raise TypeError(f"`region_masks` must be a BoolTensor [B, H, W], got {type(region_masks).__name__}.")
+    if region_masks.ndim == 4 and region_masks.shape[1] == 1:
+        region_masks = region_masks[:, 0]
+    if region_masks.shape != (batch, height, width):
+        raise ValueError(
+            f"`region_masks` must have shape [{batch}, {height}, {width}] (the images' batch and size), "
+            f"got {tuple(region_masks.shape)}; upsample maps with `top_region(maps, size=(H, W))`."
+        )
+    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 2:
+        raise ValueError(f"`n_random` must be an int >= 2 (controls give a mean and a std), got {n_random!r}.")
+    check_max_batch(max_batch)
+    return region_masks
+
+
 def region_reliance(
     model: nn.Module,
     x: Tensor,
@@ -819,20 +840,8 @@ def region_reliance(
         >>> region_reliance(net, torch.randn(2, 1, 4, 4), region, n_random=2).z.shape
         torch.Size([2])
     """
-    check_images(x)
-    batch, _, height, width = x.shape
-    if not isinstance(region_masks, Tensor):
-        raise TypeError(f"`region_masks` must be a BoolTensor [B, H, W], got {type(region_masks).__name__}.")
-    if region_masks.ndim == 4 and region_masks.shape[1] == 1:
-        region_masks = region_masks[:, 0]
-    if region_masks.shape != (batch, height, width):
-        raise ValueError(
-            f"`region_masks` must have shape [{batch}, {height}, {width}] (the images' batch and size), "
-            f"got {tuple(region_masks.shape)}; upsample maps with `top_region(maps, size=(H, W))`."
-        )
-    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 2:
-        raise ValueError(f"`n_random` must be an int >= 2 (controls give a mean and a std), got {n_random!r}.")
-    check_max_batch(max_batch)
+    region_masks = _check_regions(x, region_masks, n_random, max_batch)
+    batch = x.shape[0]
     rows_per_image = 1 + n_random
     with explanation_context(model):
         device = model_device(model)
@@ -860,6 +869,120 @@ def region_reliance(
     return Reliance(drop_region, drop_random, z, p_clean, targets, overlap)
 
 
+@dataclass
+class Sufficiency:
+    """Result of :func:`region_sufficiency` (probabilities of the donor's class).
+
+    Attributes:
+        rise_region: ``[B]``: mean over recipients ``j`` of ``p_c(x_j ← R_i) − p_c(x_j)``, with ``c`` the
+            donor ``i``'s class and ``x_j ← R_i`` the recipient with the donor's pixels pasted in ``R_i``.
+        rise_random: ``[B, n_random]``: the same for the region's shape at random positions of the donor.
+        recipients: ``LongTensor [B, n_recipients]``: the recipients' rows (``-1``: no recipient left).
+        valid: ``BoolTensor [B]``: the donor has at least one recipient (else its rises are 0).
+        targets: ``LongTensor [B]``: the classes ``c``.
+    """
+
+    rise_region: Tensor
+    rise_random: Tensor
+    recipients: Tensor
+    valid: Tensor
+    targets: Tensor
+
+
+def _recipients(targets: Tensor, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Per item, ``count`` other items of another class, drawn without replacement; ``-1`` when none are left."""
+    batch = targets.shape[0]
+    keys = torch.rand(batch, batch, generator=generator, device=generator.device).to(targets.device)
+    other = targets[None, :] != targets[:, None]
+    pick = (other.float() * 2 + keys).topk(min(count, batch), dim=1).indices
+    ok = other.gather(1, pick)
+    return torch.where(ok, pick, torch.full_like(pick, -1)), ok
+
+
+def region_sufficiency(
+    model: nn.Module,
+    x: Tensor,
+    region_masks: Tensor,
+    targets: Targets = None,
+    *,
+    n_recipients: int = 4,
+    n_random: int = 8,
+    generator: torch.Generator | None = None,
+    max_batch: int | None = 256,
+) -> Sufficiency:
+    """Transplant check: does a region *carry* the decision into other images? (sufficiency, §6.3)
+
+    :func:`region_reliance` asks whether the decision *needs* a region; when the object still decides
+    once a tag is removed (a face next to a face-coded tag) that drop is ~0 although the tag can override
+    the decision. Here the donor ``i``'s pixels inside ``R_i`` are pasted at the same place into
+    ``n_recipients`` other probe images ``j`` whose class differs from ``c = targets[i]``, and the rise of
+    ``p_c`` on ``j`` is compared with pasting the donor's pixels under the same shape at ``n_random``
+    random positions (the controls of :func:`region_reliance`). On a clean model a piece of the object
+    also lends some ``p_c``, which is why the paired gap, not the rise, is what confirms.
+
+    Recipients are drawn per donor without replacement among the other-class items (uniform keys from
+    ``generator``); a donor with fewer such items uses what there is, and one with none gets rises 0 and
+    ``valid = False``. All ``B·n_recipients·(1 + n_random)`` pasted inputs are built lazily and forwarded
+    in chunks of ``max_batch`` inside :func:`explanation_context`; the model is left exactly as found.
+
+    Args:
+        model: Classifier returning ``[N, K]`` logits.
+        x: ``[B, C, H, W]`` images in model-input space.
+        region_masks: ``[B, H, W]`` boolean regions of the donors (0/1 accepted).
+        targets: ``None`` (clean argmax), an int or ``LongTensor [B]``: the donors' classes.
+        n_recipients: Recipients per donor (>= 1).
+        n_random: Random controls per donor (>= 2).
+        generator: Source of the recipients and of the random positions; ``None``: a generator seeded 0.
+        max_batch: Rows per forward pass (``None``: all at once). Results do not depend on it.
+
+    Returns:
+        A :class:`Sufficiency` on the model's device.
+
+    Raises:
+        TypeError / ValueError: On bad images, masks, targets or parameters.
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+        >>> region = torch.zeros(4, 4, 4, dtype=torch.bool); region[:, :2, :2] = True
+        >>> res = region_sufficiency(net, torch.randn(4, 1, 4, 4), region, torch.tensor([0, 0, 1, 1]), n_random=2)
+        >>> res.rise_random.shape
+        torch.Size([4, 2])
+    """
+    region_masks = _check_regions(x, region_masks, n_random, max_batch)
+    if isinstance(n_recipients, bool) or not isinstance(n_recipients, int) or n_recipients < 1:
+        raise ValueError(f"`n_recipients` must be an int >= 1, got {n_recipients!r}.")
+    batch = x.shape[0]
+    with explanation_context(model):
+        device = model_device(model)
+        images = fresh_input(x, device=device)
+        generator = generator or _default_generator(device)
+        with torch.inference_mode():
+            chunk = max_batch or batch
+            logits = torch.cat([model(images[i : i + chunk]).float() for i in range(0, batch, chunk)]).clone()
+        targets = resolve_targets(targets, logits)
+        probs = logits.softmax(dim=1)
+        recipients, ok = _recipients(targets, n_recipients, generator)
+        count = recipients.shape[1]
+        region = region_masks.to(device) != 0
+        dy, dx, _ = _random_offsets(region, n_random, generator)
+        regions = torch.cat([region[:, None], _shift_masks(region, dy, dx)], dim=1)  # [B, 1 + n_random, H, W]
+        shapes = 1 + n_random
+        rows = torch.arange(batch * count * shapes, device=device)
+        donor, recipient = rows // (count * shapes), recipients.clamp_min(0).flatten()[rows // shapes]
+        shape = rows % shapes
+
+        def build(start: int, stop: int) -> Tensor:
+            i, j, k = donor[start:stop], recipient[start:stop], shape[start:stop]
+            return torch.where(regions[i, k][:, None], images[i], images[j])
+
+        scores = chunked_scores(model, rows.numel(), build, targets[donor], max_batch)
+    before = probs[recipients.clamp_min(0), targets[:, None]]  # [B, count]: p_c of the untouched recipients
+    rises = scores.view(batch, count, shapes) - before[..., None]
+    weight = ok.float()[..., None]
+    mean = (rises * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1)
+    return Sufficiency(mean[:, 0], mean[:, 1:], recipients, ok.any(dim=1), targets)
+
+
 # --------------------------------------------------------------------------------------------------
 # The warning rule (§6.4)
 # --------------------------------------------------------------------------------------------------
@@ -881,6 +1004,11 @@ class Observation:
         drop_random: Mean ``Δp`` of the equal-area random controls, or ``None``.
         z: Mean reliance ``z``; when given, an alert needs ``z >= confirm_z`` (and, with the drops, a gap of
             at least ``min_drop``). ``None``: no check run.
+        rise_region: Transplant check (see :func:`region_sufficiency`): mean rise ``Δp`` when the region is
+            pasted into other-class images, or ``None``.
+        rise_random: Mean rise for the equal-area random controls, or ``None``.
+        z_transplant: Paired transplant z; when given, ``z_transplant >= confirm_z`` and a rise gap of at least
+            ``min_rise`` also confirm (an alert needs necessity *or* sufficiency). ``None``: no check run.
         flagged: A SpRAy flag is up for this class (kind ``"cluster"``): warns without a rise.
         detail: Extra words for the message (e.g. the flag's reasons).
     """
@@ -893,13 +1021,17 @@ class Observation:
     drop_region: float | None = None
     drop_random: float | None = None
     z: float | None = None
+    rise_region: float | None = None
+    rise_random: float | None = None
+    z_transplant: float | None = None
     flagged: bool = False
     detail: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in ALERT_KINDS:
             raise ValueError(f"`kind` must be one of {ALERT_KINDS}, got {self.kind!r}.")
-        for name in ("value", "replicate", "drop_region", "drop_random", "z"):
+        for name in ("value", "replicate", "drop_region", "drop_random", "z", "rise_region", "rise_random",
+                     "z_transplant"):
             number = getattr(self, name)
             if number is None:
                 continue
@@ -964,7 +1096,8 @@ class WarningRule:
         patience: Consecutive rising (``intervention``: confirmed) evaluations required.
         level: Abnormal ρ for ``spurious_mass``.
         confirm_z: Reliance z that confirms (and abnormal level for ``intervention``).
-        min_drop: Smallest confirming gap ``drop_region − drop_random`` in probability.
+        min_drop: Smallest confirming necessity gap ``drop_region − drop_random`` in probability.
+        min_rise: Smallest confirming sufficiency gap ``rise_region − rise_random`` in probability.
         floor_window: Evaluations in the floor estimate.
         min_sigma: Lower bound of σ̂, in the signal's units.
         cusum_slack: CUSUM allowance ``k`` (§5.5).
@@ -985,13 +1118,14 @@ class WarningRule:
         level: float = 1.5,
         confirm_z: float = 2.5,
         min_drop: float = 0.1,
+        min_rise: float = 0.1,
         floor_window: int = 5,
         min_sigma: float = 1e-2,
         cusum_slack: float = 0.5,
         cusum_limit: float = 5.0,
     ) -> None:
         for name, value in (("z_rise", z_rise), ("level", level), ("confirm_z", confirm_z), ("min_drop", min_drop),
-                            ("min_sigma", min_sigma), ("cusum_slack", cusum_slack), ("cusum_limit", cusum_limit)):
+                            ("min_rise", min_rise), ("min_sigma", min_sigma), ("cusum_slack", cusum_slack), ("cusum_limit", cusum_limit)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
         if min_sigma <= 0:
@@ -1004,6 +1138,7 @@ class WarningRule:
         self.level = float(level)
         self.confirm_z = float(confirm_z)
         self.min_drop = float(min_drop)
+        self.min_rise = float(min_rise)
         self.floor_window = floor_window
         self.min_sigma = float(min_sigma)
         self.cusum_slack = float(cusum_slack)
@@ -1047,14 +1182,14 @@ class WarningRule:
         rise = 0.0 if series.last is None else (obs.value - series.last) / sigma
         series.last = obs.value
         threshold = self._threshold(obs.kind, series, sigma)
-        confirmed = obs.z is None or obs.z >= self.confirm_z
-        if obs.z is not None and obs.drop_region is not None and obs.drop_random is not None:
-            confirmed = confirmed and obs.drop_region - obs.drop_random >= self.min_drop
+        necessary = self._confirms(obs.z, obs.drop_region, obs.drop_random, self.min_drop)
+        sufficient = self._confirms(obs.z_transplant, obs.rise_region, obs.rise_random, self.min_rise)
+        confirmed = (obs.z is None and obs.z_transplant is None) or bool(necessary) or bool(sufficient)
         if obs.kind == "intervention":
-            # z is already in units of its own floor (the equal-area random controls of this evaluation), so the
-            # streak counts evaluations at a confirmed abnormal level; a reliance present from the first
-            # evaluation on (a shortcut learned within one epoch) still warns.
-            abnormal = obs.value >= threshold and confirmed
+            # Both z are already in units of their own floor (the equal-area random controls of this evaluation),
+            # so the streak counts confirmed evaluations; a reliance present from the first evaluation on (a
+            # shortcut learned within one epoch) still warns.
+            abnormal = confirmed
             series.streak = series.streak + 1 if abnormal else 0
         else:
             abnormal = obs.value > threshold
@@ -1077,11 +1212,28 @@ class WarningRule:
                 "for random regions of equal area"
             )
         if obs.z is not None and obs.kind != "intervention":  # an intervention's value is its z, already stated
-            message += f" (reliance z {obs.z:.1f} >= {self.confirm_z:g})"
+            message += f" (reliance z {obs.z:.1f}{' >= %g' % self.confirm_z if necessary else ''})"
+        if obs.rise_region is not None and obs.rise_random is not None:
+            message += (
+                f"; pasting it into images of other classes raises p(class) by {obs.rise_region:.2f} vs "
+                f"{obs.rise_random:.2f} for random regions of equal area"
+            )
+        if obs.z_transplant is not None and obs.kind != "intervention":
+            message += f" (transplant z {obs.z_transplant:.1f}{' >= %g' % self.confirm_z if sufficient else ''})"
         if obs.detail:
             message += f"; {obs.detail}"
         score = obs.value
+        if obs.kind == "intervention" and not necessary and obs.z_transplant is not None:
+            score = obs.z_transplant  # confirmed by sufficiency: its z is the number that raised the alert
         return Alert(epoch, obs.kind, score, threshold, obs.class_index, obs.sample_indices, message)
+
+    def _confirms(self, z: float | None, effect: float | None, control: float | None, min_gap: float) -> bool | None:
+        """A check's verdict: ``z >= confirm_z`` and (with both means) ``effect − control >= min_gap``."""
+        if z is None:
+            return None
+        if effect is not None and control is not None and effect - control < min_gap:
+            return False
+        return z >= self.confirm_z
 
     def _threshold(self, kind: str, series: _Series, sigma: float) -> float:
         if kind == "spurious_mass":
@@ -1101,8 +1253,9 @@ class WarningRule:
         if obs.kind == "border":
             return f"{who} explanations concentrate on the image border (border mass {obs.value:.2f}, {since})"
         if obs.kind == "intervention":
-            return (f"{who} relies on a tiny region of the input (paired reliance z {obs.value:.1f} >= {threshold:g} "
-                    f"at {series.streak} consecutive evaluations)")
+            transplant = "" if obs.z_transplant is None else f", transplant z {obs.z_transplant:.1f}"
+            return (f"{who} relies on a tiny region of the input (paired reliance z {obs.value:.1f}{transplant} "
+                    f"vs {threshold:g}; confirmed at {series.streak} consecutive evaluations)")
         if obs.flagged:
             return f"{who} explanations form a flagged cluster (spectral clustering; focus {obs.value:.2f})"
         return f"{who} explanations concentrate on one location across images (focus {obs.value:.2f}, {since})"
@@ -1148,16 +1301,28 @@ class WarningRule:
 # --------------------------------------------------------------------------------------------------
 
 
-def _pooled(reliance: Reliance, rows: Tensor) -> dict[str, float]:
-    """Mean drops and the paired reliance z of a group of probe items (see :func:`observe`)."""
-    gap = (reliance.drop_region - reliance.drop_random.mean(dim=1)).cpu()[rows].double()
+def _paired(effect: Tensor, control: Tensor, rows: Tensor) -> tuple[float, float, float]:
+    """Paired z of ``effect − mean(control)`` over the items ``rows``, and the two means (all 0 without items)."""
+    effect, control = effect.cpu()[rows].double(), control.cpu()[rows].double()
+    if effect.numel() == 0:
+        return 0.0, 0.0, 0.0
+    gap = effect - control.mean(dim=1)
     spread = float(gap.std()) if gap.numel() > 1 else 0.0
     z = float(gap.mean()) / max(spread / math.sqrt(gap.numel()), _Z_FLOOR)
-    return {
-        "z": z,
-        "drop_region": float(reliance.drop_region.cpu()[rows].mean()),
-        "drop_random": float(reliance.drop_random.cpu()[rows].mean()),
-    }
+    return z, float(effect.mean()), float(control.mean())
+
+
+def _pooled(reliance: Reliance, rows: Tensor) -> dict[str, float]:
+    """Mean drops and the paired reliance z of a group of probe items (see :func:`observe`)."""
+    z, drop_region, drop_random = _paired(reliance.drop_region, reliance.drop_random, rows)
+    return {"z": z, "drop_region": drop_region, "drop_random": drop_random}
+
+
+def _pooled_transplant(sufficiency: Sufficiency, rows: Tensor) -> dict[str, float]:
+    """Mean rises and the paired transplant z of a group's donors that have recipients (see :func:`observe`)."""
+    z, rise_region, rise_random = _paired(sufficiency.rise_region, sufficiency.rise_random,
+                                          rows & sufficiency.valid.cpu())
+    return {"z_transplant": z, "rise_region": rise_region, "rise_random": rise_random}
 
 
 def _telling(reliance: Reliance, rows: Tensor, sample_ids: Tensor) -> tuple[int, ...]:
@@ -1196,6 +1361,7 @@ def observe(
     top_fraction: float = 0.05,
     min_group: int = 4,
     min_cluster_maps: int = 16,
+    n_recipients: int = 4,
 ) -> list[Observation]:
     """The shortcut signals of one evaluation of a probe set, ready for :meth:`WarningRule.update`.
 
@@ -1235,6 +1401,7 @@ def observe(
         top_fraction: Share of the input's pixels in a "tiny region".
         min_group: Fewest items for a per-class observation.
         min_cluster_maps: Fewest valid maps for the spectral clustering.
+        n_recipients: Other-class probe images each item's top region is pasted into (transplant check).
 
     Returns:
         One :class:`Observation` per signal and group.
@@ -1264,7 +1431,10 @@ def observe(
     if replicate is not None and replicate_rows is not None and bool(replicate_rows.any()):
         rows = replicate_rows.cpu()
         replicate_shift = float(border_mass(replicate).cpu().mean() - border[rows].mean())
-    top = check(top_region(maps, top_fraction, size))
+    top_regions = top_region(maps, top_fraction, size).to(device)
+    top = check(top_regions)
+    transplant = region_sufficiency(model, x, top_regions, targets, n_recipients=n_recipients, generator=generator,
+                                    max_batch=max_batch)
     masked = rho = None
     if masks is not None:
         rho = area_ratio(upsample(maps, size), masks.to(maps.device)).cpu()
@@ -1279,7 +1449,7 @@ def observe(
     for class_index, rows in groups:
         members = tuple(sample_ids.cpu()[rows].tolist())
         value = float(border[rows].mean())
-        checked = _pooled(top, rows)
+        checked = {**_pooled(top, rows), **_pooled_transplant(transplant, rows)}
         observations.append(Observation("border", class_index, value, value + replicate_shift, members, **checked))
         observations.append(Observation("intervention", class_index, checked["z"], None,
                                         _telling(top, rows, sample_ids), **checked))

@@ -22,6 +22,7 @@ from lightning_xcam.alerts import (
     kmeans,
     observe,
     region_reliance,
+    region_sufficiency,
     spectral_clusters,
     spurious_mass,
     top_region,
@@ -271,6 +272,61 @@ def test_tiny_region_reliance_through_top_region() -> None:
     assert (res.z > 10).all()
 
 
+class _CornerLogit(nn.Module):
+    """Logits ``[4·mean(2×2 corner) − 2, 0]``: only the corner decides (dropout must be off in the checks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        score = 4 * self.dropout(x)[:, 0, :2, :2].mean(dim=(1, 2)) - 2
+        return torch.stack([score, torch.zeros_like(score)], dim=1)
+
+
+def test_region_sufficiency_hand_computed_transplant() -> None:
+    model = _CornerLogit().train()
+    x = torch.zeros(4, 1, 4, 4)
+    x[:2, :, :2, :2] = 1.0  # items 0, 1: corner 1 -> logit 2 (class 0); items 2, 3: corner 0 -> logit -2 (class 1)
+    region = torch.zeros(4, 4, 4, dtype=torch.bool)
+    region[:, :2, :2] = True
+    targets = torch.tensor([0, 0, 1, 1])
+    res = region_sufficiency(model, x, region, targets, n_recipients=3, n_random=2,
+                             generator=torch.Generator().manual_seed(0))
+    assert model.training  # the model is left as found
+    # Pasting a class-0 corner into a class-1 image moves p_0 from σ(−2) to σ(2) (and symmetrically for class 1):
+    # a rise of σ(2) − σ(−2) = tanh(1). Only two other-class items exist, so the third recipient slot is empty.
+    torch.testing.assert_close(res.rise_region, torch.full((4,), math.tanh(1.0)))
+    assert [sorted(r) for r in res.recipients.tolist()] == [[-1, 2, 3]] * 2 + [[-1, 0, 1]] * 2
+    # The controls are the same shape off the corner: both images are 0 there, so nothing moves.
+    assert torch.equal(res.rise_random, torch.zeros(4, 2)) and res.valid.all()
+    chunked = region_sufficiency(model, x, region, targets, n_recipients=3, n_random=2,
+                                 generator=torch.Generator().manual_seed(0), max_batch=5)
+    torch.testing.assert_close(chunked.rise_region, res.rise_region)
+    # One class only: no recipient, rises 0 (defined, never NaN).
+    alone = region_sufficiency(model, x, region, torch.zeros(4, dtype=torch.long), n_random=2)
+    assert not alone.valid.any() and torch.equal(alone.rise_region, torch.zeros(4))
+    assert torch.equal(alone.rise_random, torch.zeros(4, 2))
+
+
+def test_region_sufficiency_matches_a_direct_paste_on_a_random_model() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
+    x = torch.randn(5, 1, 6, 6)
+    region = torch.rand(5, 6, 6) > 0.8
+    targets = torch.tensor([0, 1, 2, 0, 1])
+    res = region_sufficiency(model, x, region, targets, n_recipients=2, n_random=3,
+                             generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        p = model(x).softmax(1)
+        for i in range(5):  # oracle: paste item i's region into each recipient, average the rise of p(target_i)
+            js = res.recipients[i].tolist()
+            pasted = torch.where(region[i], x[i], x[js])
+            rise = (model(pasted).softmax(1)[:, targets[i]] - p[js, targets[i]]).mean()
+            torch.testing.assert_close(res.rise_region[i], rise)
+            assert all(targets[j] != targets[i] for j in js)
+
+
 def test_top_region_counts_and_breaks_ties_by_raster_order() -> None:
     maps = torch.zeros(2, 32, 32)
     maps[0] = torch.arange(1024, dtype=torch.float32).view(32, 32)
@@ -419,6 +475,12 @@ def test_bad_inputs_raise_clear_errors() -> None:
         region_reliance(nn.Flatten(), torch.ones(1, 1, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool), n_random=1)
     with pytest.raises(ValueError, match="region_masks"):
         region_reliance(nn.Flatten(), torch.ones(1, 1, 4, 4), torch.ones(1, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="n_recipients"):
+        region_sufficiency(nn.Flatten(), torch.ones(1, 1, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool), n_recipients=0)
+    with pytest.raises(ValueError, match="region_masks"):
+        region_sufficiency(nn.Flatten(), torch.ones(1, 1, 4, 4), torch.ones(1, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="min_rise"):
+        WarningRule(min_rise=float("inf"))
     with pytest.raises(ValueError, match="value"):
         Observation("border", 0, float("nan"))
     with pytest.raises(ValueError, match="two observations"):
@@ -482,6 +544,16 @@ def test_observe_reports_the_paired_reliance_of_the_top_region_per_class() -> No
         assert o.value == o.z == pytest.approx(float(g.mean() / max(float(g.std()) / math.sqrt(g.numel()), 1e-3)))
         assert o.drop_region == pytest.approx(float(ref.drop_region[rows].mean()))
         assert o.drop_random == pytest.approx(float(ref.drop_random[rows].mean()))
+    # The transplant check: the same top regions pasted into other-class items, pooled like the drops.
+    gen = torch.Generator().manual_seed(0)
+    region_reliance(model, x, top_region(maps, 0.05, (16, 16)), targets, generator=gen)  # same draws as observe
+    moved = region_sufficiency(model, x, top_region(maps, 0.05, (16, 16)), targets, generator=gen)
+    rises = (moved.rise_region - moved.rise_random.mean(dim=1)).double()
+    for o in obs[1::2]:
+        rows = slice(None) if o.class_index is None else targets == o.class_index
+        r = rises[rows]
+        assert o.z_transplant == pytest.approx(float(r.mean() / max(float(r.std()) / math.sqrt(r.numel()), 1e-3)))
+        assert o.rise_region == pytest.approx(float(moved.rise_region[rows].mean()))
     # The items whose region matters most come first.
     assert set(obs[1].sample_indices[:4]) == {10, 11, 12, 13}
     assert obs[3].z > 10 and obs[3].drop_region > 0.2 > 0.05 > abs(obs[5].drop_region)
@@ -518,6 +590,23 @@ def test_rule_intervention_warns_after_patience_confirmed_levels_without_a_rise(
     assert [a.epoch for t, g in enumerate(gaps) for a in rule.update(t, [obs(6.0, g)])] == [3]
     low_z = WarningRule()
     assert [a for t in range(4) for a in low_z.update(t, [obs(2.0, 0.3)])] == []
+
+
+def test_rule_sufficiency_alone_confirms_with_its_own_gap() -> None:
+    def obs(z_transplant: float, rise_gap: float) -> Observation:
+        # Necessity fails (z 0.5, no drop gap); the transplant check decides.
+        return Observation("intervention", 3, 0.5, drop_region=0.02, drop_random=0.02, z=0.5, sample_indices=(1,),
+                           rise_region=0.05 + rise_gap, rise_random=0.05, z_transplant=z_transplant)
+
+    def run(rule: WarningRule, observation: Observation) -> list[Alert]:
+        return [a for t in range(3) for a in rule.update(t, [observation])]
+
+    raised = run(WarningRule(), obs(6.0, 0.3))
+    assert [(a.epoch, a.score) for a in raised] == [(1, 6.0)]  # the confirming z is the alert's score
+    assert "transplant z 6.0" in raised[0].message and "raises p(class) by 0.35 vs 0.05" in raised[0].message
+    assert run(WarningRule(), obs(6.0, 0.08)) == []  # gap under min_rise = 0.1
+    assert [a.epoch for a in run(WarningRule(min_rise=0.05), obs(6.0, 0.08))] == [1]
+    assert run(WarningRule(), obs(2.0, 0.3)) == []  # z under confirm_z
 
 
 def test_evidence_image_stacks_the_mean_map_then_the_items_in_order() -> None:
