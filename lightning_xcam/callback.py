@@ -138,7 +138,7 @@ class ExplanationMonitor(Callback):
         n_samples: int = 16,
         noise_std: float = 0.15,
         num_references: int = 64,
-        num_fit: int = 512,
+        num_fit: int = 256,
         floor_size: int = 8,
         sensitivity_every: int = 4,
         steps: int = 20,

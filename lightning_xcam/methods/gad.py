@@ -196,13 +196,22 @@ def _auto_split(model: nn.Module, calls: dict[str, list[tuple[int, int]]], layer
         before = [n for n in before if n in calls and calls[n][-1][1] < begin]
         if before:
             candidate = max(before, key=lambda n: calls[n][-1][1])
-            if isinstance(parent, nn.Sequential):
-                return candidate
-            fallback = fallback or candidate
+            # a cut inside a block (a ResNet BasicBlock, its downsample branch) leaves the residual sum reading
+            # a trunk value: only cuts on the sequential main line give a self-contained tail
+            if _on_main_line(model, candidate):
+                if isinstance(parent, nn.Sequential):
+                    return candidate
+                fallback = fallback or candidate
         node = parent_name
     if fallback is None:
         raise ValueError(f"could not find a module to split before the CAM layer `{layer}`; pass `split=` explicitly.")
     return fallback
+
+
+def _on_main_line(model: nn.Module, name: str) -> bool:
+    """Whether every container of ``name`` below the root is an ``nn.Sequential``."""
+    parts = name.split(".")
+    return all(isinstance(model.get_submodule(".".join(parts[:i])), nn.Sequential) for i in range(1, len(parts)))
 
 
 def _plan(model: nn.Module, calls: dict[str, list[tuple[int, int]]], split: str, layer: str) -> _Plan:
