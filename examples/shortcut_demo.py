@@ -21,13 +21,11 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xcam import ExplanationMonitor
-from lightning_xcam.demos import SmallCNN, add_decoy_tags, load_digits_tensors
+from lightning_xcam.demos import DigitsClassifier, add_decoy_tags, load_digits_tensors
 
 
 class TaggedDigits(pl.LightningDataModule):
@@ -55,31 +53,6 @@ class TaggedDigits(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=200)
 
 
-class TwoClassCNN(pl.LightningModule):
-    """:class:`~lightning_xcam.demos.SmallCNN` (CAM layer ``net.features``) for two classes, Adam."""
-
-    def __init__(self, lr: float = 3e-3) -> None:
-        super().__init__()
-        self.net = SmallCNN(in_channels=1, num_classes=2, width=8)
-        self.lr = lr
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], _index: int) -> Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], _index: int) -> None:
-        x, y = batch
-        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train on tagged digits and watch the shortcut alert fire.")
     parser.add_argument("--epochs", type=int, default=10)
@@ -96,7 +69,7 @@ def main() -> None:
     logger = TensorBoardLogger(root, name="", version=0, default_hp_metric=False)
     trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[monitor],
                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
-    model, data = TwoClassCNN(), TaggedDigits()
+    model, data = DigitsClassifier(width=8, lr=3e-3, num_classes=2, optimizer="adam"), TaggedDigits()
     trainer.fit(model, datamodule=data)
 
     log_dir = Path(logger.log_dir)

@@ -7,6 +7,8 @@ they live in *model-input space*.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
@@ -212,19 +214,25 @@ class DigitsDataModule(pl.LightningDataModule):
 
 
 class DigitsClassifier(pl.LightningModule):
-    """A ``LightningModule`` wrapping :class:`SmallCNN` (CAM layer ``"net.features"``), SGD with momentum.
+    """A ``LightningModule`` wrapping :class:`SmallCNN` (CAM layer ``"net.features"``), SGD with momentum or Adam.
 
     Module-level (not built inside a function) so that ``ddp_spawn`` can pickle it.
 
     Args:
         width: Channels of the first conv block.
-        lr: SGD learning rate.
+        lr: Learning rate.
+        num_classes: Output classes.
+        optimizer: ``"sgd"`` (momentum 0.9) or ``"adam"``.
     """
 
-    def __init__(self, width: int = 16, lr: float = 0.05) -> None:
+    def __init__(self, width: int = 16, lr: float = 0.05, num_classes: int = 10,
+                 optimizer: Literal["sgd", "adam"] = "sgd") -> None:
         super().__init__()
-        self.net = SmallCNN(in_channels=1, num_classes=10, width=width)
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(f"`optimizer` must be 'sgd' or 'adam', got {optimizer!r}.")
+        self.net = SmallCNN(in_channels=1, num_classes=num_classes, width=width)
         self.lr = lr
+        self.optimizer = optimizer
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -242,4 +250,6 @@ class DigitsClassifier(pl.LightningModule):
         self.log("val_acc", (logits.argmax(1) == y).float().mean())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
