@@ -9,7 +9,11 @@ The maths of ALGORITHMS.md §6, tensor in / tensor out, batched, device-agnostic
   SpRAy-style :func:`spectral_clusters` with flags for small, tight or focused clusters.
 * **Interventional confirmation** (§6.3): :func:`region_reliance` fills a suspected region and compares
   the confidence drop with the same shape at random positions; :func:`top_region` turns maps into the
-  "top few percent" region, so tiny-region reliance is ``region_reliance(..., top_region(maps))``.
+  "top few percent" region, so tiny-region reliance is ``region_reliance(..., top_region(maps))``. That
+  is a *necessity* test; :func:`region_sufficiency` is its *sufficiency* twin (transplant): it pastes an
+  item's region into images of other classes and compares the rise of the item's class with pasting
+  random regions of the same item. An object that still decides once a tag is removed hides the tag from
+  the first test but not from the second.
 * **The warning rule** (§6.4): :class:`WarningRule` turns per-evaluation :class:`Observation` s into
   :class:`Alert` s. A signal must rise above its own noise floor for ``patience`` consecutive
   evaluations *and* sit at an abnormal level *and* (when supplied) be confirmed interventionally.
@@ -1071,12 +1075,14 @@ class WarningRule:
       first-evaluation value by more than ``z_rise`` σ̂ (``border``, ``cluster``);
     * ``intervention`` observations carry a reliance z, already measured in units of their own floor (the
       equal-area random controls of the same evaluation): they become pending after ``patience``
-      consecutive *confirmed* evaluations (``z >= confirm_z`` and gap ``>= min_drop``), with no rise
-      needed, so a shortcut learned within the first epoch still warns;
-    * a pending signal raises an :class:`Alert` when its interventional check (if supplied, ``z``)
-      reaches ``confirm_z`` and, when the drops are supplied too, ``drop_region − drop_random >= min_drop``
-      (z alone is ill-conditioned when the model is unsure and every drop is ~0); it stays pending while
-      the level stays abnormal, so a check that confirms one evaluation later still raises. A ``cluster``
+      consecutive *confirmed* evaluations, with no rise needed, so a shortcut learned within the first
+      epoch still warns;
+    * a pending signal raises an :class:`Alert` when its interventional check confirms. Two checks may be
+      supplied and either one confirms: *necessity* (``z >= confirm_z`` and, when the drops are supplied
+      too, ``drop_region − drop_random >= min_drop``) or *sufficiency* (``z_transplant >= confirm_z`` and
+      ``rise_region − rise_random >= min_rise``). The gaps matter because z alone is ill-conditioned when
+      the model is unsure and every drop is ~0. A signal stays pending while the level stays abnormal, so
+      a check that confirms one evaluation later still raises. A ``cluster``
       observation with ``flagged=True`` (a SpRAy flag) raises without a rise, subject to the same check.
     * **One alert per episode**: after raising, a (kind, class) is disarmed; it re-arms at the first
       evaluation whose level is normal again (and, for clusters, not flagged).
@@ -1089,7 +1095,10 @@ class WarningRule:
     :func:`observe` (a t-statistic over probe items, not ALGORITHMS §6.3's per-item mean, hence 2.5 rather
     than 3); ``min_drop = 0.1`` because a faithful map of a clean but unsure model already costs more when
     its own top region is filled than random regions do (gaps up to ~0.06 were measured on clean twins),
-    while real tag reliance costs 0.15–0.45.
+    while real tag reliance costs 0.15–0.45. ``min_rise = 0.15`` plays the same part for the transplant gap:
+    on clean twins a piece of the object lends its class too (the stroke of a "1" pasted into another
+    digit: single-evaluation gaps up to ~0.17, never two in a row above 0.15), while a face-coded tag
+    pasted into non-faces gave 0.19–0.74 for the face class.
 
     Args:
         z_rise: Rise threshold in noise-floor units.
@@ -1118,7 +1127,7 @@ class WarningRule:
         level: float = 1.5,
         confirm_z: float = 2.5,
         min_drop: float = 0.1,
-        min_rise: float = 0.1,
+        min_rise: float = 0.15,
         floor_window: int = 5,
         min_sigma: float = 1e-2,
         cusum_slack: float = 0.5,
@@ -1369,14 +1378,17 @@ def observe(
     the RISE blur and the drop of ``p(class)`` is compared with the same shape at 8 random positions. For a
     group of ``n`` items with paired gaps ``g_i = Δp_R,i − mean_r Δp_rand,i,r`` the check reports the two
     mean drops and the *paired* reliance ``z = mean(g) / max(sd(g)/√n, 1e-3)`` (a t-statistic over items;
-    a per-item mean of z explodes when an item's random drops are all ~0).
+    a per-item mean of z explodes when an item's random drops are all ~0). The top regions also get the
+    transplant check (:func:`region_sufficiency`, ``n_recipients`` other-class recipients per item, 8
+    random controls): the mean rises and the paired ``z_transplant`` of the same form over the items that
+    have a recipient, so an alert can be confirmed by necessity or by sufficiency.
 
     Signals (overall, class ``None``, and per explained class with at least ``min_group`` items):
 
-    * ``border``: mean border mass, its replicate shift from ``replicate``; check on each item's top
+    * ``border``: mean border mass, its replicate shift from ``replicate``; both checks on each item's top
       ``top_fraction`` region.
     * ``intervention`` (tiny-region reliance): value = the paired z of each item's top ``top_fraction``
-      region; ``sample_indices`` put the items whose region matters most first.
+      region, with the transplant check of the same regions; ``sample_indices`` put the items whose region matters most first.
     * ``cluster`` (overall only): SpRAy-style :func:`spectral_clusters` of all probe maps (one partition,
       purity against the explained classes) when there are at least ``min_cluster_maps`` valid maps. The
       reported cluster is the most focused flagged cluster, else the most focused one; value = its
@@ -1384,7 +1396,8 @@ def observe(
       mean map applied to its members.
     * ``spurious_mass`` (with ``masks``): mean ρ, check on the mask.
 
-    Cost: ``2·P·9`` forwards (top regions and cluster regions; ``3·P·9`` with masks) and one eigen-
+    Cost: ``(2 + n_recipients)·P·9`` forwards (top regions, their transplants and cluster regions;
+    ``P·9`` more with masks) and one eigen-
     decomposition of a ``P × P`` matrix; no gradients.
 
     Args:

@@ -604,7 +604,7 @@ def test_rule_sufficiency_alone_confirms_with_its_own_gap() -> None:
     raised = run(WarningRule(), obs(6.0, 0.3))
     assert [(a.epoch, a.score) for a in raised] == [(1, 6.0)]  # the confirming z is the alert's score
     assert "transplant z 6.0" in raised[0].message and "raises p(class) by 0.35 vs 0.05" in raised[0].message
-    assert run(WarningRule(), obs(6.0, 0.08)) == []  # gap under min_rise = 0.1
+    assert run(WarningRule(), obs(6.0, 0.08)) == []  # gap under min_rise (0.15)
     assert [a.epoch for a in run(WarningRule(min_rise=0.05), obs(6.0, 0.08))] == [1]
     assert run(WarningRule(), obs(2.0, 0.3)) == []  # z under confirm_z
 
