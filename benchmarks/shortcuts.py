@@ -1,10 +1,12 @@
 """Shortcut early-warning benchmark: planted shortcuts on packaged data, each with a clean twin.
 
-Run ``python benchmarks/shortcuts.py`` (full: 153 runs, 16 minutes measured on 2 shared CPU cores) or
+Run ``python benchmarks/shortcuts.py`` (full: 153 runs, 15 minutes measured on 2 shared CPU cores) or
 ``--quick`` (15 runs, about 2 minutes). Every run trains :class:`~lightning_xcam.demos.SmallCNN` (width 8,
 Adam 3e-3, batch 16) with the real :class:`~lightning_xcam.ExplanationMonitor` inside ``Trainer.fit`` (Expected Grad-CAM, 48 probe items
 drawn from the validation set, one evaluation per epoch, default :class:`~lightning_xcam.alerts.WarningRule`
-and :func:`~lightning_xcam.alerts.observe` settings: the product as shipped, no per-task tuning).
+and :func:`~lightning_xcam.alerts.observe` settings: the product as shipped, no per-task tuning; an alert is
+confirmed by necessity (filling the top region) or sufficiency (pasting it into other-class probe images),
+and the settings are printed under the table).
 
 Tasks (data that ships inside packages, no downloads; 32×32, standardised):
 
@@ -30,6 +32,7 @@ reached the threshold), and the alert kinds that fired.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import logging
 import multiprocessing
@@ -45,6 +48,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xcam import ExplanationMonitor
+from lightning_xcam.alerts import WarningRule, observe
 from lightning_xcam.demos import SmallCNN, add_decoy_tags, load_digits_tensors, load_lfw_tensors
 
 RELIANCE_GAP = 0.15
@@ -226,6 +230,16 @@ def _kinds(outcomes: list[Outcome]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
 
 
+def _settings() -> str:
+    """The shipped rule and check settings the runs used (read from the code, not restated)."""
+    rule = WarningRule()
+    checks = {name: p.default for name, p in inspect.signature(observe).parameters.items()
+              if p.default is not inspect.Parameter.empty and name in ("top_fraction", "n_recipients")}
+    return (f"Settings: WarningRule(confirm_z={rule.confirm_z:g}, min_drop={rule.min_drop:g}, "
+            f"min_rise={rule.min_rise:g}, patience={rule.patience}); observe({', '.join(f'{k}={v}' for k, v in checks.items())}); "
+            "an alert needs necessity (fill) or sufficiency (transplant) confirmed.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one seed, two tag variants (a few minutes)")
@@ -245,6 +259,7 @@ def main() -> None:
         print(_summary(task, [o for o in outcomes if o.run.task == task]))
     print(_summary("**overall**", outcomes))
     print(f"\nAlert kinds (runs): {_kinds(outcomes)}")
+    print(_settings())
     if args.runs:
         print("\n| run | gap per epoch | clean acc | alerts (epoch kind class) | s |\n|---|---|---|---|---|")
         for o in outcomes:
