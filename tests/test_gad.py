@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from captum import attr as captum_attr
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_xcam import GAD
 from lightning_xcam.demos import SmallCNN, load_digits_tensors
@@ -388,15 +388,29 @@ def test_linear_head_moves_split_before_cam_layer() -> None:
     )
 
 
-def test_one_block_stages_split_before_the_stage_not_inside_its_downsample_branch() -> None:
-    # ResNet with one BasicBlock per stage: the last parametrised module before the CAM layer's end is
-    # layer4.0.downsample.1, and a cut inside the block would leave the residual sum reading a trunk value
-    net = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10).eval()
-    x = torch.randn(16, 3, 32, 32)
-    gad = GAD(net, "layer4", base="gradcam", steps=2, lr=1e-3, r2_threshold=float("-inf"))
-    gad.fit(x)
-    assert gad.split == "layer3"
-    assert set(gad._plan.tail_params) == {n for n, _ in net.named_parameters() if n.startswith(("layer4.", "fc."))}
+class _Wrapper(nn.Module):
+    """The network as a LightningModule holds it: an attribute ``net`` of a non-Sequential module."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize(("blocks", "split"), [([1, 1, 1, 1], "layer3"), ([2, 2, 2, 2], "layer4.0")])
+@pytest.mark.parametrize("prefix", ["", "net."])
+def test_split_is_a_stage_boundary_never_inside_a_block(blocks: list[int], split: str, prefix: str) -> None:
+    # with one BasicBlock per stage the last parametrised module before the CAM layer's end is
+    # layer4.0.downsample.1; a cut inside the block would leave the residual sum reading a trunk value
+    net = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, blocks, num_classes=10).eval()
+    model = _Wrapper(net).eval() if prefix else net
+    gad = GAD(model, f"{prefix}layer4", base="gradcam", steps=2, lr=1e-3, r2_threshold=float("-inf"))
+    gad.fit(torch.randn(16, 3, 32, 32))
+    assert gad.split == f"{prefix}{split}"
+    tail = ("layer4.", "fc.") if split == "layer3" else ("layer4.1.", "fc.")
+    assert set(gad._plan.tail_params) == {n for n, _ in model.named_parameters() if n.startswith(tuple(prefix + t for t in tail))}
 
 
 class _SkipNet(nn.Module):

@@ -196,9 +196,9 @@ def _auto_split(model: nn.Module, calls: dict[str, list[tuple[int, int]]], layer
         before = [n for n in before if n in calls and calls[n][-1][1] < begin]
         if before:
             candidate = max(before, key=lambda n: calls[n][-1][1])
-            # a cut inside a block (a ResNet BasicBlock, its downsample branch) leaves the residual sum reading
-            # a trunk value: only cuts on the sequential main line give a self-contained tail
-            if _on_main_line(model, candidate):
+            # a cut inside a block of the CAM layer (a ResNet BasicBlock, its downsample branch) leaves the
+            # residual sum reading a trunk value: inside the CAM layer only its own children are cuts
+            if _outside_blocks_of(layer, candidate):
                 if isinstance(parent, nn.Sequential):
                     return candidate
                 fallback = fallback or candidate
@@ -208,10 +208,11 @@ def _auto_split(model: nn.Module, calls: dict[str, list[tuple[int, int]]], layer
     return fallback
 
 
-def _on_main_line(model: nn.Module, name: str) -> bool:
-    """Whether every container of ``name`` below the root is an ``nn.Sequential``."""
-    parts = name.split(".")
-    return all(isinstance(model.get_submodule(".".join(parts[:i])), nn.Sequential) for i in range(1, len(parts)))
+def _outside_blocks_of(layer: str, name: str) -> bool:
+    """Whether module ``name`` is outside ``layer`` or one of its direct children."""
+    if not name.startswith(f"{layer}."):
+        return True
+    return "." not in name[len(layer) + 1 :]
 
 
 def _plan(model: nn.Module, calls: dict[str, list[tuple[int, int]]], split: str, layer: str) -> _Plan:
