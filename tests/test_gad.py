@@ -250,7 +250,9 @@ def test_fused_mask_is_smaller_and_more_faithful_than_random(trained, gad_gradca
         scores = torch.rand(mask.shape[0], mask[0].numel(), generator=generator)
         ranks = scores.argsort(1).argsort(1)
         random_drops.append(drop((ranks < area[:, None]).float().view_as(mask)).mean())
-    assert drop(mask).mean() > torch.stack(random_drops).mean() + 0.05
+    random_drops = torch.stack(random_drops)
+    # above the random baseline by more than two standard errors of that baseline's 16 draws
+    assert drop(mask).mean() > random_drops.mean() + 2 * random_drops.std() / len(random_drops) ** 0.5
 
 
 def test_multiclass_same_k_supports_cover_all_ten_classes(trained, gad_gradcam) -> None:
