@@ -334,9 +334,7 @@ class ExplanationMonitor(Callback):
         self._last_run_epoch = epoch
         evaluation = len(self.history)
         minimal = bool(trainer.fast_dev_run)
-        with explanation_context(pl_module):  # the explained class is this evaluation's prediction (ALGORITHMS §1.2)
-            logits = [pl_module(fresh_input(chunk, pl_module.device)).cpu() for chunk in self._data.x.split(256)]
-            self._data.targets = torch.cat(logits).argmax(1)
+        self._data.predict_targets(pl_module, self.batch_size)
         data = self._data.shard(trainer, pl_module, limit=2 if minimal else None)
         per_sample: dict[str, dict[str, Tensor]] = {}
         maps_by_method: dict[str, Tensor] = {}
@@ -622,10 +620,16 @@ class _ProbeData:
             fit = _stack([train[i] for i in pool[: monitor.num_fit]])[0]
         if monitor.spurious_masks is not None:
             masks = monitor.spurious_masks.bool().cpu()
+        del y  # the explained class is the model's own prediction (ALGORITHMS.md §1.2), see predict_targets
+        targets = torch.zeros(x.shape[0], dtype=torch.long)
+        return cls(x, targets, torch.as_tensor(indices), masks, references, fit, min(monitor.floor_size, x.shape[0]))
+
+    def predict_targets(self, pl_module: pl.LightningModule, batch_size: int | None) -> None:
+        """Set the explained classes to the model's current predictions (once per evaluation, §1.2)."""
+        chunks = self.x.split(batch_size or self.x.shape[0])
         with explanation_context(pl_module):
-            logits = torch.cat([pl_module(fresh_input(chunk, pl_module.device)).detach().cpu() for chunk in x.split(256)])
-        del y  # the explained class is the model's own prediction (ALGORITHMS.md §1.2)
-        return cls(x, logits.argmax(1), torch.as_tensor(indices), masks, references, fit, min(monitor.floor_size, x.shape[0]))
+            logits = torch.cat([pl_module(fresh_input(chunk, pl_module.device)).detach().cpu() for chunk in chunks])
+        self.targets = logits.argmax(1)
 
     def shard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, limit: int | None = None) -> _Shard:
         total = self.x.shape[0] if limit is None else min(limit, self.x.shape[0])
