@@ -36,12 +36,13 @@ _GLOBAL_HOOK_DICTS = (
 
 @dataclass
 class _ModelSnapshot:
-    training: list[tuple[nn.Module, bool]]
-    requires_grad: list[tuple[nn.Parameter, bool]]
-    grads: list[tuple[nn.Parameter, Tensor | None]]
+    modules: list[nn.Module]
+    training: list[bool]
+    params: list[nn.Parameter]
+    requires_grad: list[bool]
+    grads: list[Tensor | None]
     buffers: list[tuple[Tensor, Tensor]]
-    module_hooks: list[tuple[dict, set]]
-    global_hooks: list[tuple[dict, set]]
+    hooks: list[tuple[dict, set]]
 
     @classmethod
     def take(cls, model: nn.Module) -> _ModelSnapshot:
@@ -49,38 +50,34 @@ class _ModelSnapshot:
         params = list(model.parameters())
         with torch.no_grad():
             buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        module_hooks = [
-            (hooks, set(hooks))
-            for m in modules
-            for name in _MODULE_HOOK_DICTS
-            if isinstance(hooks := getattr(m, name, None), dict)
-        ]
-        global_hooks = [
-            (hooks, set(hooks))
-            for name in _GLOBAL_HOOK_DICTS
-            if isinstance(hooks := getattr(_module_globals, name, None), dict)
-        ]
+        hook_dicts = [getattr(m, name, None) for m in modules for name in _MODULE_HOOK_DICTS]
+        hook_dicts += [getattr(_module_globals, name, None) for name in _GLOBAL_HOOK_DICTS]
         return cls(
-            training=[(m, m.training) for m in modules],
-            requires_grad=[(p, p.requires_grad) for p in params],
-            grads=[(p, p.grad) for p in params],
+            modules=modules,
+            training=[m.training for m in modules],
+            params=params,
+            requires_grad=[p.requires_grad for p in params],
+            grads=[p.grad for p in params],
             buffers=buffers,
-            module_hooks=module_hooks,
-            global_hooks=global_hooks,
+            hooks=[(hooks, set(hooks)) for hooks in hook_dicts if isinstance(hooks, dict)],
         )
 
     def restore(self) -> None:
-        for hooks, keys in (*self.module_hooks, *self.global_hooks):
-            for key in [k for k in hooks if k not in keys]:
-                del hooks[key]
-        for m, flag in self.training:
-            m.training = flag
-        for p, flag in self.requires_grad:
-            p.requires_grad_(flag)
-        for p, grad in self.grads:
+        # Compare before writing: restoring an untouched model is the common case and stays cheap.
+        for hooks, keys in self.hooks:
+            if len(hooks) != len(keys) or not keys.issuperset(hooks):
+                for key in [k for k in hooks if k not in keys]:
+                    del hooks[key]
+        for m, flag in zip(self.modules, self.training):
+            if m.training is not flag:
+                m.training = flag
+        for p, flag, grad in zip(self.params, self.requires_grad, self.grads):
+            if p.requires_grad is not flag:
+                p.requires_grad_(flag)
             if p.grad is not grad:
                 p.grad = grad
         with torch.no_grad():
+            # Not version counters: batch norm updates its running statistics without bumping them.
             for buffer, saved in self.buffers:
                 if not torch.equal(buffer, saved):
                     buffer.copy_(saved)
@@ -137,7 +134,8 @@ def explanation_context(model: nn.Module) -> Iterator[nn.Module]:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autocast(device.type, enabled=False))
-        model.eval()
+        if any(snapshot.training):
+            model.eval()
         yield model
 
 
