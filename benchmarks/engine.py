@@ -16,8 +16,9 @@ prints markdown tables, all measured in one run:
      against our Grad-CAM (goal ≥ 2);
    - Captum ``LayerGradCam`` against our Grad-CAM (goal ≥ 1).
 
-   Each method gets warm-up calls, then the methods run round-robin for several repeats (so load from
-   other processes hits them alike); the table reports the median ``time.perf_counter`` time.
+   Each method gets warm-up calls, then the methods run round-robin, in an order that rotates every
+   round, for several repeats (so load from other processes hits them alike); the table reports the
+   median ``time.perf_counter`` time.
 
 2. **Samples to convergence** on a model whose head after the CAM layer is not linear: ResNet-18 at
    ``layer3`` with random BatchNorm shifts (``bias`` and ``running_mean`` ~ N(0, 0.5²) from a fixed
@@ -67,15 +68,22 @@ SAMPLINGS = ("iid", "stratified")
 
 
 def _time_round_robin(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each function; one call of each per round, so load drifts hit all alike."""
+    """Seconds per call of each function; one call of each per round, so load drifts hit all alike.
+
+    The order rotates every round: a call inherits the allocator state its predecessor leaves (a peer
+    that keeps its autograd graph alive makes the next call's allocations cheaper), so no method may
+    always follow the same neighbour.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -121,7 +129,7 @@ def speed(sample_counts: list[int], warmup: int, repeats: int) -> list[str]:
             "gc_pgc": lambda: pgc(input_tensor=x, targets=pgc_targets),
         },
         warmup + 1,
-        3 * repeats,
+        6 * repeats,
     )
     for n in sample_counts:
         egc = ExpectedGradCAM(model, "layer4", references=bank, n_samples=n, noise_std=NOISE_STD)
@@ -280,7 +288,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
     print(f"- speed: ResNet-18 (random weights, 10 classes, eval), layer4, batch {BATCH}, {SIZE}×{SIZE}, "
           f"bank {BANK} images, noise_std {NOISE_STD}, EGC weights='integrated' sampling='iid' batch_size=None; "
-          f"{args.warmup} warm-up call(s), then {args.repeats} round-robin rounds per N ({3 * args.repeats} for Grad-CAM)")
+          f"{args.warmup} warm-up call(s), then {args.repeats} round-robin rounds per N ({6 * args.repeats} for Grad-CAM)")
     print(f"- convergence: ResNet-18 with BN shifts ~N(0, 0.5²), layer3 (4×4), {args.images} digits {SIZE}×{SIZE}×3, "
           f"bank {BANK} digits, noise_std {NOISE_STD}; reference EGC N={REFERENCE_N} iid seed {REFERENCE_SEED}; "
           f"Spearman on maps upsampled to {SIZE}×{SIZE}, mean over images and seeds {SEEDS}")
