@@ -1,7 +1,9 @@
 """Shortcut early-warning benchmark: planted shortcuts on packaged data, each with a clean twin.
 
 Run ``python benchmarks/shortcuts.py`` (full: 153 runs, 15 minutes measured on 2 shared CPU cores) or
-``--quick`` (15 runs, about 2 minutes). Every run trains :class:`~lightning_xcam.demos.SmallCNN` (width 8,
+``--quick`` (15 runs, about 2 minutes); ``--select TEXT`` (repeatable) keeps only the runs whose label
+contains one of the texts, e.g. ``--select "digits-4 random 5px" --select "digits-4 untagged"``, to iterate
+on a few runs (the tables then describe that subset only). Every run trains :class:`~lightning_xcam.demos.SmallCNN` (width 8,
 Adam 3e-3, batch 16) with the real :class:`~lightning_xcam.ExplanationMonitor` inside ``Trainer.fit`` (Expected Grad-CAM, 48 probe items
 drawn from the validation set, one evaluation per epoch, default :class:`~lightning_xcam.alerts.WarningRule`
 and :func:`~lightning_xcam.alerts.observe` settings: the product as shipped, no per-task tuning; an alert is
@@ -191,6 +193,16 @@ def _plan(quick: bool) -> list[Run]:
     return runs
 
 
+def _select(plan: list[Run], texts: list[str]) -> list[Run]:
+    """The runs whose label contains one of ``texts`` (all runs without texts); an empty selection is an error."""
+    if not texts:
+        return plan
+    kept = [run for run in plan if any(text in run.label() for text in texts)]
+    if not kept:
+        raise SystemExit(f"--select {texts} matches no run; labels look like {plan[1].label()!r}.")
+    return kept
+
+
 def _onset(gaps: list[float]) -> int:
     """First epoch from which the accuracy gap stays at or above ``RELIANCE_GAP`` (early spikes are noise)."""
     onset = len(gaps) - 1
@@ -245,14 +257,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one seed, two tag variants (a few minutes)")
     parser.add_argument("--workers", type=int, default=2, help="parallel training processes (one thread each)")
     parser.add_argument("--runs", action="store_true", help="also print one line per run")
+    parser.add_argument("--select", action="append", default=[], metavar="TEXT",
+                        help="keep only runs whose label (as printed by --runs) contains TEXT; repeatable")
     args = parser.parse_args()
-    plan = _plan(args.quick)
+    plan = _select(_plan(args.quick), args.select)
     started = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         outcomes = pool.map(_execute, plan, chunksize=1)
     header = ("| task | detection (relying runs) | false alarms (clean twins) | evaluations to first alert "
               "| alerts on partial reliance | alerts on tagged runs without reliance |\n|---|---|---|---|---|---|")
-    print(f"Shortcut benchmark ({'quick' if args.quick else 'full'}): {len(plan)} runs, {EPOCHS} evaluations each; "
+    scope = ("quick" if args.quick else "full") + (f", subset {args.select}" if args.select else "")
+    print(f"Shortcut benchmark ({scope}): {len(plan)} runs, {EPOCHS} evaluations each; "
           f"reliance = accuracy gap (tag = label vs scrambled) >= {RELIANCE_GAP} at the last epoch.\n")
     print(header)
     for task in TASKS:
