@@ -12,16 +12,20 @@ of ordinary training (not timed) and GAD refreshes (warm fit, timed), as before 
 monitor. Every cost is a median wall time divided by the median time of one EGC call on the same model,
 measured in the same run. ``steps``: Adam steps of the warm fits (median, all supports train together).
 ``tail``: share of the forward multiply-adds that run after the split; the ``k + 1`` tails on one trunk
-pass make an explanation cost at least ``(1 − tail) + (k + 1)·tail`` EGC passes.
+pass make an explanation cost at least ``(1 − tail) + (k + 1)·tail`` EGC passes. ``supports train``: what
+the support fits optimise (GAD's default ``trainable="after_last_conv"``: what follows the tail's last
+convolution, whose output a fit caches; ``--whole-tail`` adds a ResNet-18 row with every tail parameter).
 The goal of ALGORITHMS.md §3.4-3.5 is warm fit + explain ≤ 2× EGC.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +85,7 @@ def _tail_share(net: nn.Module, split: str, x: Tensor) -> float:
     return tail / sum(macs.values())
 
 
-def _row(name: str, net: nn.Module, layer: str, x: Tensor, y: Tensor, n_fit: int, lr: float, **gad_kwargs: object) -> str:
+def _row(name: str, net: nn.Module, layer: str, x: Tensor, y: Tensor, n_fit: int, lr: float, **gad_kwargs: Any) -> str:
     x_fit, bank, probe = x[:n_fit], x[-N_BANK - BATCH : -BATCH], x[-BATCH:]
     settings = {"references": bank, "n_samples": N_SAMPLES, "noise_std": 0.1}
     egc = ExpectedGradCAM(net, layer, **settings)
@@ -103,9 +107,10 @@ def _row(name: str, net: nn.Module, layer: str, x: Tensor, y: Tensor, n_fit: int
     egc_time, warm_time = statistics.median(egc_times), statistics.median(warm)
     d = gad.diagnostics
     share = _tail_share(net, gad.split, probe) if gad.split else 1.0
+    trained = f"after `{d['cut']}` ({d['trained_parameters']} tensors)" if d["cut"] else f"whole tail ({d['trained_parameters']} tensors)"
     k = len(gad.lambdas)
     return (
-        f"| {name} | {n_fit} | `{gad.split}` | {share:.1%} ({1 - share + (k + 1) * share:.2f}×) | "
+        f"| {name} | {n_fit} | `{gad.split}` | {trained} | {share:.1%} ({1 - share + (k + 1) * share:.2f}×) | "
         f"{egc_time * 1000:.0f} ms | {cold / egc_time:.1f}× | {warm_time / egc_time:.2f}× "
         f"({statistics.median(steps):.0f}) | {explain / egc_time:.2f}× | **{(warm_time + explain) / egc_time:.2f}×** | "
         f"{min(d['fit_r2']):.3f} | {sum(d['active'])}/{k} |"
@@ -116,6 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default="smallcnn,resnet18", help="comma-separated subset of the rows")
+    parser.add_argument("--whole-tail", action="store_true",
+                        help="also time ResNet-18 with trainable='tail' (every tail parameter; its cold fit is long)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -134,16 +141,20 @@ def main() -> None:
         torch.manual_seed(0)
         resnet = torchvision.models.resnet18(num_classes=10)
         _train(resnet, rgb, labels, steps=30, lr=0.01)
+        state = copy.deepcopy(resnet.state_dict())
         rows.append(_row("ResNet-18", resnet, "layer4", rgb, labels, n_fit, lr=0.01))
+        if args.whole_tail:
+            resnet.load_state_dict(state)  # the same starting point and training steps as the row above
+            rows.append(_row("ResNet-18", resnet, "layer4", rgb, labels, n_fit, lr=0.01, trainable="tail"))
     print(
         f"GAD cost relative to one Expected Grad-CAM pass (B={BATCH}, N={N_SAMPLES}, bank {N_BANK}, {SIZE}×{SIZE}, "
         f"4 supports, {torch.get_num_threads()} thread(s)); warm fits after 5 SGD steps of training each\n"
     )
     print(
-        "| model | fit set | split | tail (explain floor) | EGC pass | cold fit | warm fit (steps) | explain "
-        "| warm fit + explain | min fit R² | active |"
+        "| model | fit set | split | supports train | tail (explain floor) | EGC pass | cold fit | warm fit (steps) "
+        "| explain | warm fit + explain | min fit R² | active |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

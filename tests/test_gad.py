@@ -115,12 +115,13 @@ def test_warm_fit_restarts_from_previous_offsets(trained) -> None:
 def test_bad_support_is_excluded_with_warning_and_a_stale_one_is_refit(trained) -> None:
     net, x_fit, x_probe, _ = trained
     net = copy.deepcopy(net)
-    gad = GAD(net, "features", base="gradcam", lambdas=(0.5, 64.0), steps=40, warm_steps=0, r2_threshold=0.95)
+    gad = GAD(net, "features", base="gradcam", lambdas=(1.0, 64.0), steps=40, warm_steps=0, r2_threshold=0.95)
     with pytest.warns(UserWarning, match="excluded"):
         gad.fit(x_fit[:256])
     d = gad.diagnostics
     assert d["active"] == [True, False] and d["fit_r2"][1] < 0.95 and d["refit"] == [False, False]
-    assert d["steps"] == [40, 40] and not d["fallback"]
+    # each support trains until it reaches r2_target: the one that cannot spends the whole budget
+    assert d["steps"][1] == 40 and d["steps"][0] < 40 and not d["fallback"]
     result = gad.explain(x_probe[:8])
     assert result.base_maps.shape[0] == 1 + sum(d["active"])
     with pytest.raises(RuntimeError, match="excluded"):
@@ -139,7 +140,7 @@ def test_unchanged_model_refresh_takes_no_step(trained) -> None:
     gad = GAD(net, "features", base="gradcam", r2_target=0.9)
     gad.fit(x_fit[:256])
     first = gad.diagnostics
-    assert all(0 < s <= 300 for s in first["steps"]) and min(first["fit_r2"]) >= 0.9
+    assert all(0 <= s <= 300 for s in first["steps"]) and max(first["steps"]) > 0 and min(first["fit_r2"]) >= 0.9
     gad.fit(x_fit[:256])  # early stop: every support still reaches r2_target before any step
     assert gad.diagnostics["steps"] == [0, 0, 0, 0]
     assert gad.diagnostics["fit_r2"] == pytest.approx(first["fit_r2"], abs=1e-6)
@@ -375,14 +376,33 @@ def test_gad_input_gradient_bases_match_captum_before_fusion(trained, method: st
 # ----------------------------------------------------------------------------- splits
 
 
-def test_linear_head_moves_split_before_cam_layer() -> None:
+@pytest.mark.parametrize(
+    ("trainable", "trained"), [("after_last_conv", ("layer4.1.bn2.", "fc.")), ("tail", ("layer4.1.", "fc."))]
+)
+def test_linear_head_moves_split_before_cam_layer(trainable: str, trained: tuple[str, ...]) -> None:
     net = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(32, 3, 32, 32)
-    gad = GAD(net, "layer4", base="gradcam", steps=3, lr=1e-3, r2_threshold=float("-inf"))
+    gad = GAD(net, "layer4", base="gradcam", steps=3, lr=1e-3, r2_threshold=float("-inf"), r2_target=float("inf"),
+              trainable=trainable)
     gad.fit(x)
+    d = gad.diagnostics
     assert gad.split == "layer4.0"  # tail: layer4.1 + fc, as ALGORITHMS.md §3.4
-    tail = set(gad._plan.tail_params)
-    assert tail == {n for n, _ in net.named_parameters() if n.startswith(("layer4.1.", "fc."))}
+    assert set(gad._plan.tail_params) == {n for n, _ in net.named_parameters() if n.startswith(trained)}
+    assert d["cut"] == ("layer4.1.conv2" if trainable == "after_last_conv" else None) and d["steps"] == [3] * 4
+    # The fit ran on cached cut outputs (a view of each head); standalone copies of the supports must
+    # reproduce its R², and they share every parameter outside the trained set with the original.
+    original = dict(net.named_parameters())
+    with torch.no_grad():
+        z = net(x)
+        goal_shift = 1 - F.one_hot(z.argmax(1), 10).float()
+        for i, alpha in enumerate(d["alphas"]):
+            support = gad.support_model(i)
+            goal = z - alpha * goal_shift
+            g = support(x)
+            r2 = 1 - (g - goal).pow(2).sum() / (goal - goal.mean(0)).pow(2).sum()
+            assert float(r2) == pytest.approx(d["fit_r2"][i], abs=1e-4)
+            for name, param in support.named_parameters():
+                assert torch.equal(param, original[name]) == (not name.startswith(trained)), name
     result = gad.explain(x[:4])
     torch.testing.assert_close(result.base_maps[0], GradCAM(net, "layer4")(x[:4]), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(
@@ -411,8 +431,12 @@ def test_split_is_a_stage_boundary_never_inside_a_block(blocks: list[int], split
     gad = GAD(model, f"{prefix}layer4", base="gradcam", steps=2, lr=1e-3, r2_threshold=float("-inf"))
     gad.fit(torch.randn(16, 3, 32, 32))
     assert gad.split == f"{prefix}{split}"
-    tail = ("layer4.", "fc.") if split == "layer3" else ("layer4.1.", "fc.")
+    # Two blocks: the supports train what follows the last convolution. One block: the last convolution
+    # is the downsample branch's, after which the residual sum still reads the skipped `bn2` output, so
+    # the cut fails its replay check and the whole tail trains.
+    tail = ("layer4.", "fc.") if split == "layer3" else ("layer4.1.bn2.", "fc.")
     assert set(gad._plan.tail_params) == {n for n, _ in model.named_parameters() if n.startswith(tuple(prefix + t for t in tail))}
+    assert gad.diagnostics["cut"] == (None if split == "layer3" else f"{prefix}layer4.1.conv2")
 
 
 class _SkipNet(nn.Module):

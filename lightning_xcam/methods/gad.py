@@ -36,7 +36,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -134,11 +134,17 @@ class _Plan:
         split: Dotted name of the last trunk module, or ``None`` for full copies (nothing shared).
         trunk: Outermost modules that run only before the split ends (the split last); swapped in heads.
         tail_params: Names of the parameters the supports train.
+        cut: The tail's last convolution when the supports train only what runs after it (its output is
+            then the same for every support and every step, so a fit caches it once); else ``None``.
+        cut_trunk: Outermost tail modules that finish by the end of ``cut`` (``cut`` last); swapped in the
+            fit views of the heads.
     """
 
     split: str | None
     trunk: tuple[str, ...]
     tail_params: tuple[str, ...]
+    cut: str | None = None
+    cut_trunk: tuple[str, ...] = ()
 
 
 def _is_within(name: str, ancestor: str) -> bool:
@@ -258,6 +264,38 @@ def _plan(model: nn.Module, calls: dict[str, list[tuple[int, int]]], split: str,
     return _Plan(split=split, trunk=tuple(outer), tail_params=tuple(tail_params))
 
 
+def _light_plan(model: nn.Module, calls: dict[str, list[tuple[int, int]]], plan: _Plan, layer: str) -> _Plan:
+    """``plan`` with the supports training only the tail's parameters after its last convolution.
+
+    Returns ``plan`` unchanged when the tail has no convolution, when a cut at it is not a clean stage
+    (:func:`_plan` refuses it), or when nothing trained after it runs before the CAM layer ends although
+    the split lies before the CAM layer: a support that only re-weights a linear head gives the degenerate
+    family of ALGORITHMS.md §3.4.
+    """
+    assert plan.split is not None
+    split_end = calls[plan.split][0][1]
+    convs = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.conv._ConvNd) and len(calls.get(name, ())) == 1 and calls[name][0][0] > split_end
+    ]
+    if not convs:
+        return plan
+    cut = max(convs, key=lambda n: calls[n][0][1])
+    try:
+        after = _plan(model, calls, cut, layer)
+    except ValueError:
+        return plan
+    trained = tuple(n for n in plan.tail_params if n in set(after.tail_params))
+    layer_end = calls[layer][-1][1]
+    owners = {n.rpartition(".")[0] for n in trained}
+    shapes_layer = any(calls[o][-1][1] <= layer_end for o in owners if o in calls)
+    if not trained or (plan.split != layer and not shapes_layer):
+        return plan
+    cut_trunk = tuple(n for n in after.trunk if calls[n][0][0] > split_end)
+    return _Plan(split=plan.split, trunk=plan.trunk, tail_params=trained, cut=cut, cut_trunk=cut_trunk)
+
+
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name), child, module)
@@ -275,6 +313,42 @@ def _head(model: nn.Module, plan: _Plan, feed: _Feed, trainable: bool) -> nn.Mod
     for name, param in head.named_parameters():
         param.requires_grad_(name in own and trainable)
     return head
+
+
+class _AffineNorm(nn.Module):
+    """An eval-mode batch norm written as its per-channel affine map, on the same parameter and
+    statistics tensors (so their names do not change). Same values; its backward is a few element-wise
+    operations, where the native batch-norm backward dominated a fit step on cached activations."""
+
+    def __init__(self, norm: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+        self.register_buffer("running_mean", norm.running_mean)
+        self.register_buffer("running_var", norm.running_var)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        scale = torch.rsqrt(self.running_var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        out = (x - self.running_mean.view(shape)) * scale.view(shape)
+        return out if self.bias is None else out + self.bias.view(shape)
+
+
+def _fit_view(head: nn.Module, plan: _Plan, cut_feed: _Feed) -> nn.Module:
+    """``head`` with the frozen tail modules up to ``plan.cut`` skipped and the cut's output injected from
+    ``cut_feed``: what a fit step runs (in eval mode, where batch norms with running statistics become
+    :class:`_AffineNorm`). Shares every tensor and the trunk feed with ``head``, so training the view
+    trains the head."""
+    memo: dict[int, Any] = {id(t): t for t in (*head.parameters(), *head.buffers())}
+    memo.update({id(m.feed): m.feed for m in head.modules() if isinstance(m, _Inject)})
+    view = copy.deepcopy(head, memo)
+    for name in plan.cut_trunk:
+        _set_module(view, name, _Inject(cut_feed) if name == plan.cut else _PassThrough())
+    for name, module in list(view.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            _set_module(view, name, _AffineNorm(module))
+    return view
 
 
 class _SharedActivations(_LayerProbe):
@@ -296,12 +370,15 @@ class _Ensemble(nn.Module):
     """The original model and its supports on one trunk: logits ``[M, S, K]`` (see :class:`~lightning_xcam.
     methods.input_gradients.Heads`). Built and used only inside :func:`explanation_context`."""
 
-    def __init__(self, model: nn.Module, plan: _Plan, heads: Sequence[nn.Module], feed: _Feed) -> None:
+    def __init__(
+        self, model: nn.Module, plan: _Plan, heads: Sequence[nn.Module], feed: _Feed, cut_feed: _Feed | None = None
+    ) -> None:
         super().__init__()
         self._model = [model]  # a list, so the user's model is not registered as a submodule
         self.plan = plan
         self.members = list(heads)
         self.feed = feed
+        self.cut_feed = cut_feed
 
     @property
     def size(self) -> int:
@@ -327,18 +404,26 @@ class _Ensemble(nn.Module):
             handle.remove()
         raise RuntimeError(f"the split `{self.plan.split}` did not run in the model's forward pass.")
 
-    def heads(self, x: Tensor, feeds: Sequence[Tensor], members: Sequence[nn.Module] | None = None) -> Tensor:
-        """Logits ``[M, S, K]`` of each head on its trunk output ``feeds[m]``."""
+    def heads(
+        self, x: Tensor, feeds: Sequence[Tensor], members: Sequence[nn.Module] | None = None, cut: Tensor | None = None
+    ) -> Tensor:
+        """Logits ``[M, S, K]`` of each head on its trunk output ``feeds[m]`` (fit views: and on the cut's
+        output ``cut``, the same for every head)."""
         members = self.members if members is None else members
         if self.plan.split is None:
             return torch.stack([head(f) for head, f in zip(members, feeds)])
         outs = []
+        if cut is not None:
+            assert self.cut_feed is not None
+            self.cut_feed.value = cut
         try:
             for head, f in zip(members, feeds):
                 self.feed.value = f
                 outs.append(head(x))
         finally:
             self.feed.value = None
+            if self.cut_feed is not None:
+                self.cut_feed.value = None
         return torch.stack(outs)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -449,6 +534,7 @@ class _Support:
     refit: bool = False
     steps: int = 0
     moments: dict[str, dict[str, Any]] | None = None
+    view: nn.Module | None = None  # the head as a fit step runs it (``_fit_view``), when the plan has a cut
 
 
 class GAD:
@@ -456,7 +542,12 @@ class GAD:
 
     **Fitting** (:meth:`fit`). One no-grad pass of the model over the fit set gives the logits and caches
     the trunk output at the split; every step after that runs only the support tails, full-batch on the
-    cached outputs by default. Each support starts from the original's current tail plus its offset from
+    cached outputs by default. With ``trainable="after_last_conv"`` (default) the supports train only the
+    tail's parameters after its last convolution (ResNet ``layer4``: ``layer4.1.bn2`` and ``fc``; the
+    convolutions stay shared), so that convolution's output is cached too and a step costs a few
+    element-wise operations instead of a forward and backward pass through the tail's convolutions; the
+    maps still differ in space, because the trained normalisation sets which cells of each channel pass
+    the block's final ReLU. Each support starts from the original's current tail plus its offset from
     the previous fit (warm start; zero on the first fit), and from the least-squares output offset when the
     logits come straight out of an ``nn.Linear`` with a bias (a constant added to the logits changes no
     gradient, so this exact step costs nothing in the maps and fixes the constant part of the shift and of
@@ -486,6 +577,9 @@ class GAD:
         split: Dotted name of the last shared (frozen) module; the tail is every module that runs after
             it. ``None`` chooses automatically (module docstring).
         shared_trunk: ``False`` trains full copies of the model (every parameter; for offline use).
+        trainable: ``"after_last_conv"`` (default): the supports train the tail's parameters that run after
+            its last convolution, when those shape the CAM activations (otherwise, or without a
+            convolution in the tail, every tail parameter); ``"tail"``: every tail parameter. [project]
         steps: Most Adam steps of a cold fit (first fit, or a support reset after a bad fit).
         warm_steps: Most Adam steps of a warm fit (later fits start from the previous supports' offsets).
         fit_batch_size: Minibatch size of the support fit; ``None`` (default) trains full-batch on the
@@ -526,6 +620,7 @@ class GAD:
         base_kwargs: dict[str, Any] | None = None,
         split: str | None = None,
         shared_trunk: bool = True,
+        trainable: Literal["after_last_conv", "tail"] = "after_last_conv",
         steps: int = 300,
         warm_steps: int = 30,
         fit_batch_size: int | None = None,
@@ -555,10 +650,13 @@ class GAD:
                 raise ValueError(f"`{name}` must be a number (±inf allowed), got {value!r}.")
         if split is not None and not isinstance(split, str):
             raise TypeError(f"`split` must be a dotted module name or None, got {type(split).__name__}.")
+        if trainable not in ("after_last_conv", "tail"):
+            raise ValueError(f"`trainable` must be 'after_last_conv' or 'tail', got {trainable!r}.")
         self.model = model
         self.lambdas = lambdas
         self.tau = float(tau)
         self.shared_trunk = bool(shared_trunk)
+        self.trainable = trainable
         self.steps, self.warm_steps, self.fit_batch_size = steps, warm_steps, fit_batch_size
         self.lr, self.min_margin, self.seed = float(lr), float(min_margin), seed
         self.r2_threshold, self.r2_target = float(r2_threshold), float(r2_target)
@@ -568,8 +666,10 @@ class GAD:
         self._base: _CAM | InputGradients | None = self._make_base(base)
         self._supports = [_Support(lam=float(v)) for v in lambdas]
         self._feed = _Feed()
+        self._cut_feed = _Feed()
         self._plan: _Plan | None = None
         self._original: nn.Module | None = None
+        self._original_view: nn.Module | None = None
         self._bias: str | None = None
         self._structure: tuple[int, ...] = ()
         self._versions: list[int] = []
@@ -651,32 +751,39 @@ class GAD:
             rebuilt = self._plan is None or structure != self._structure
             try:
                 if rebuilt:
-                    self._build(x)
-                feeds, logits = self._trunk_and_logits(x)
+                    self._build(self._make_plan(x), x)
+                feeds, cuts, logits = self._trunk_and_logits(x)
                 if rebuilt:
                     self._check_self_contained(x, feeds, logits)
+                    if cuts is not None and not self._cut_reproduces(x, feeds, cuts, logits):
+                        # something after the cut reads a skipped value: train the whole tail instead
+                        self._build(self._make_plan(x, light=False), x)
+                        cuts = None
             except Exception:
                 self._plan = None  # a refused split must be analysed again, not reused
                 raise
             self._structure = structure
-            self._fit_supports(x, feeds, logits)
+            self._fit_supports(x, feeds, cuts, logits)
             self._versions = [p._version for p in self.model.parameters()]
             self._fits += 1
 
-    def _build(self, x: Tensor) -> None:
-        """The split, the original's head, one trainable head per support and the output bias; the
-        supports start cold."""
-        self._plan = self._make_plan(x)
-        self._original = _head(self.model, self._plan, self._feed, trainable=False) if self._plan.split else self.model
+    def _build(self, plan: _Plan, x: Tensor) -> None:
+        """The original's head, one trainable head per support (and their fit views when the plan has a
+        cut) and the output bias; the supports start cold."""
+        self._plan = plan
+        self._original = _head(self.model, plan, self._feed, trainable=False) if plan.split else self.model
+        self._original_view = _fit_view(self._original, plan, self._cut_feed) if plan.cut else None
         for support in self._supports:
-            support.head = _head(self.model, self._plan, self._feed, trainable=True)
+            support.head = _head(self.model, plan, self._feed, trainable=True)
             for name, param in support.head.named_parameters():
-                if name in self._plan.tail_params:
+                if name in plan.tail_params:
                     param.requires_grad_(False)  # only while its own fit runs
+            support.view = _fit_view(support.head, plan, self._cut_feed) if plan.cut else None
             support.delta = None
-        self._bias = _output_bias(self.model, x, self._plan.tail_params)
+            support.moments = None
+        self._bias = _output_bias(self.model, x, plan.tail_params)
 
-    def _make_plan(self, x: Tensor) -> _Plan:
+    def _make_plan(self, x: Tensor, light: bool = True) -> _Plan:
         if not self.shared_trunk:
             return _Plan(split=None, trunk=(), tail_params=tuple(n for n, _ in self.model.named_parameters()))
         calls = _execution(self.model, x)
@@ -687,7 +794,10 @@ class GAD:
         split = self._split_spec
         if split is None:
             split = _auto_split(self.model, calls, layer, self._linear_tail(x, layer))
-        return _plan(self.model, calls, split, layer)
+        plan = _plan(self.model, calls, split, layer)
+        if light and self.trainable == "after_last_conv":
+            plan = _light_plan(self.model, calls, plan, layer)
+        return plan
 
     def _linear_tail(self, x: Tensor, layer: str) -> bool:
         """Whether ``∂y_0/∂A`` at the CAM layer is the same for every input (an affine head)."""
@@ -697,40 +807,64 @@ class GAD:
         spread = (grads - grads[:, :1]).abs().amax()
         return bool(spread <= 1e-6 * grads.abs().amax().clamp_min(1e-12))
 
-    def _trunk_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Cached trunk outputs (``x`` for full copies) and the model's logits, from one forward pass."""
+    def _trunk_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Cached trunk outputs (``x`` for full copies), cached cut outputs (``None`` without a cut) and
+        the model's logits, from one forward pass."""
         assert self._plan is not None
-        split = self._plan.split
-        feeds, logits = [], []
-        with torch.no_grad():
-            for part in x.split(_CHUNK):
-                captured: list[Tensor] = []
-                handle = None
-                if split is not None:
-                    handle = self.model.get_submodule(split).register_forward_hook(
-                        lambda _m, _i, out: captured.append(out.detach().clone())
-                    )
-                try:
-                    logits.append(self.model(part))
-                finally:
-                    if handle is not None:
-                        handle.remove()
-                feeds.append(captured[0] if split is not None else part)
-        return torch.cat(feeds), torch.cat(logits)
+        names = [n for n in (self._plan.split, self._plan.cut) if n is not None]
+        captured: dict[str, list[Tensor]] = {n: [] for n in names}
+        logits = []
+        handles = [
+            self.model.get_submodule(n).register_forward_hook(
+                lambda _m, _i, out, n=n: captured[n].append(out.detach().clone())
+            )
+            for n in names
+        ]
+        try:
+            with torch.no_grad():
+                logits = [self.model(part) for part in x.split(_CHUNK)]
+        finally:
+            for handle in handles:
+                handle.remove()
+        feeds = torch.cat(captured[self._plan.split]) if self._plan.split is not None else x
+        cuts = torch.cat(captured[self._plan.cut]) if self._plan.cut is not None else None
+        return feeds, cuts, torch.cat(logits)
 
     def _ensemble(self, members: Sequence[nn.Module]) -> _Ensemble:
         assert self._plan is not None and self._original is not None
-        return _Ensemble(self.model, self._plan, [self._original, *members], self._feed)
+        return _Ensemble(self.model, self._plan, [self._original, *members], self._feed, self._cut_feed)
 
-    def _predict(self, x: Tensor, feeds: Tensor, members: Sequence[nn.Module]) -> Tensor:
-        """Logits ``[M, N, K]`` of ``members`` on cached trunk outputs, without gradients."""
+    def _predict(self, x: Tensor, feeds: Tensor, members: Sequence[nn.Module], cuts: Tensor | None = None) -> Tensor:
+        """Logits ``[M, N, K]`` of ``members`` on cached trunk outputs (fit views: and cut outputs), without
+        gradients."""
         ensemble = self._ensemble([])
         with torch.no_grad():
             parts = [
-                ensemble.heads(x[i : i + _CHUNK], [feeds[i : i + _CHUNK]] * len(members), members)
+                ensemble.heads(
+                    x[i : i + _CHUNK], [feeds[i : i + _CHUNK]] * len(members), members,
+                    cut=None if cuts is None else cuts[i : i + _CHUNK],
+                )
                 for i in range(0, x.shape[0], _CHUNK)
             ]
         return torch.cat(parts, dim=1)
+
+    def _cut_reproduces(self, x: Tensor, feeds: Tensor, cuts: Tensor, logits: Tensor) -> bool:
+        """Whether the original's fit view reproduces the model's logits from the cached cut outputs."""
+        assert self._original_view is not None
+        n = min(x.shape[0], 64)
+        # As in `_check_self_contained`: an in-place op on a skipped module's pass-through value (a
+        # ResNet block's `relu(inplace=True)`) writes into the injected tensors, so heads then need copies.
+        feed, cut = feeds[:n].clone(), cuts[:n].clone()
+        versions = feed._version, cut._version
+        self._cut_feed.copy = False
+        try:
+            replay = self._predict(x[:n], feed, [self._original_view], cut)[0]
+        except RuntimeError:
+            return False
+        self._feed.copy = self._feed.copy or feed._version != versions[0]
+        self._cut_feed.copy = cut._version != versions[1]
+        tolerance = 1e-5 * max(1.0, float(logits[:n].abs().max()))
+        return replay.shape == logits[:n].shape and torch.allclose(replay, logits[:n], rtol=1e-5, atol=tolerance)
 
     def _check_self_contained(self, x: Tensor, feeds: Tensor, logits: Tensor) -> None:
         if self._plan is None or self._plan.split is None:
@@ -771,7 +905,7 @@ class GAD:
         margin = max(float((top - runner_up).median()), self.min_margin)
         return predicted, others, margin
 
-    def _fit_supports(self, x: Tensor, feeds: Tensor, logits: Tensor) -> None:
+    def _fit_supports(self, x: Tensor, feeds: Tensor, cuts: Tensor | None, logits: Tensor) -> None:
         assert self._plan is not None
         predicted, others, margin = self._targets(logits)
         alphas = [s.lam * margin for s in self._supports]
@@ -783,15 +917,15 @@ class GAD:
             self._restart(support, support.delta)
         cold = [i for i, s in enumerate(self._supports) if s.delta is None]
         warm = [i for i, s in enumerate(self._supports) if s.delta is not None]
-        self._train(cold, x, feeds, goals, predicted, self.steps, generator)
-        self._train(warm, x, feeds, goals, predicted, self.warm_steps, generator)
+        self._train(cold, x, feeds, cuts, goals, predicted, self.steps, generator)
+        self._train(warm, x, feeds, cuts, goals, predicted, self.warm_steps, generator)
         # A warm support that no longer fits restarts cold once (its offsets may be stale beyond repair); a
         # cold one is not retried: the same start and budget would give the same fit.
         bad = [i for i in warm if not self._supports[i].fit_r2 >= self.r2_threshold]  # NaN is bad too
         for i in bad:
             self._restart(self._supports[i], None)
             self._supports[i].refit = True
-        self._train(bad, x, feeds, goals, predicted, self.steps, generator)
+        self._train(bad, x, feeds, cuts, goals, predicted, self.steps, generator)
         current = dict(self.model.named_parameters())
         for support in self._supports:
             assert support.head is not None
@@ -821,6 +955,8 @@ class GAD:
             "refit": [s.refit for s in self._supports],
             "steps": [s.steps for s in self._supports],
             "split": self._plan.split,
+            "cut": self._plan.cut,
+            "trained_parameters": len(self._plan.tail_params),
             "fits": self._fits + 1,
         }
 
@@ -853,6 +989,7 @@ class GAD:
         which: list[int],
         x: Tensor,
         feeds: Tensor,
+        cuts: Tensor | None,
         goals: Tensor,
         predicted: Tensor,
         budget: int,
@@ -866,30 +1003,30 @@ class GAD:
         """
         if not which:
             return
-        heads: list[nn.Module] = [self._supports[i].head for i in which]  # type: ignore[misc]
+        # fit views share their parameters with the heads, so training a view trains its head
+        heads: list[nn.Module] = [self._supports[i].view or self._supports[i].head for i in which]  # type: ignore[misc]
         targets = goals[which]
         n = x.shape[0]
         full = self.fit_batch_size is None or self.fit_batch_size >= n
-        pred = self._predict(x, feeds, heads)
-        steps = 0
-        if budget > 0 and not self._reached(pred, targets):
-            steps = self._adam(which, heads, x, feeds, targets, budget, generator, full)
-            pred = self._predict(x, feeds, heads)
+        pred = self._predict(x, feeds, heads, cuts)
+        steps = [0] * len(which)
+        if budget > 0 and not bool(self._reached(pred, targets).all()):
+            steps = self._adam(which, heads, x, feeds, cuts, targets, budget, generator, full)
+            pred = self._predict(x, feeds, heads, cuts)
         self._center(heads, pred, targets)
         r2 = _r2(pred, targets)
         for j, i in enumerate(which):
             support = self._supports[i]
             support.fit_r2 = float(r2[j])
             support.agreement = float((pred[j].argmax(dim=1) == predicted).float().mean())
-            support.steps += steps
+            support.steps += steps[j]
 
-    def _reached(self, pred: Tensor, targets: Tensor) -> bool:
-        """Whether every head reaches ``r2_target`` once its output offset is re-centred (as every fit
-        ends); an exact bias step is free, so the check counts it, but training never takes it early:
-        learning the shift through the weights is what makes the supports' maps differ from the original's."""
-        if self._bias is None:
-            return bool((_r2(pred, targets) >= self.r2_target).all())
-        return bool((_r2(pred, targets, centered=True) >= self.r2_target).all())
+    def _reached(self, pred: Tensor, targets: Tensor) -> Tensor:
+        """Per head (``[M]`` bool), whether it reaches ``r2_target`` once its output offset is re-centred
+        (as every fit ends); an exact bias step is free, so the check counts it, but training never takes
+        it early: learning the shift through the weights is what makes the supports' maps differ from the
+        original's."""
+        return _r2(pred, targets, centered=self._bias is not None) >= self.r2_target
 
     def _adam(
         self,
@@ -897,13 +1034,15 @@ class GAD:
         heads: list[nn.Module],
         x: Tensor,
         feeds: Tensor,
+        cuts: Tensor | None,
         targets: Tensor,
         budget: int,
         generator: torch.Generator,
         full: bool,
-    ) -> int:
-        """Adam steps until every head reaches ``r2_target`` (checked on each step's own forward pass,
-        exact when ``full``) or ``budget`` steps; returns the steps taken."""
+    ) -> list[int]:
+        """Adam steps until each head reaches ``r2_target`` (checked on each step's own forward pass,
+        exact when ``full``; a head that reaches it stops training) or ``budget`` steps; returns the steps
+        each head took."""
         assert self._plan is not None
         named = [{n: p for n, p in h.named_parameters() if n in self._plan.tail_params} for h in heads]
         groups = [
@@ -926,31 +1065,37 @@ class GAD:
         n = x.shape[0]
         batch = n if full else int(self.fit_batch_size)  # type: ignore[arg-type]
         order, cursor = torch.randperm(n, generator=generator, device=x.device), 0
-        steps = 0
+        steps = [0] * len(heads)
+        running = list(range(len(heads)))
         try:
             for p in params:
                 p.requires_grad_(True)
-            while True:
+            for _ in range(budget):
                 if full:
-                    xs, fs, ts = x, feeds, targets
+                    xs, fs, cs, ts = x, feeds, cuts, targets
                 else:
                     if cursor + batch > n:
                         order, cursor = torch.randperm(n, generator=generator, device=x.device), 0
                     idx = order[cursor : cursor + batch]
                     cursor += batch
                     xs, fs, ts = x[idx], feeds[idx], targets[:, idx]
+                    cs = None if cuts is None else cuts[idx]
                 with torch.enable_grad():
-                    out = ensemble.heads(xs, [fs] * len(heads), heads)
-                if steps > 0 and self._reached(out.detach(), ts):
+                    out = ensemble.heads(xs, [fs] * len(running), [heads[j] for j in running], cut=cs)
+                keep = ~self._reached(out.detach(), ts[running])
+                running = [j for j, k in zip(running, keep.tolist()) if k]
+                if not running:
                     break
-                loss = (out - ts).pow(2).mean(dim=(1, 2)).sum()
-                for p, g in zip(params, torch.autograd.grad(loss, params)):
+                loss = (out[keep] - ts[running]).pow(2).mean(dim=(1, 2)).sum()
+                trained = [p for j in running for p in named[j].values()]
+                for p, g in zip(trained, torch.autograd.grad(loss, trained)):
                     p.grad = g
-                optimizer.step()
+                optimizer.step()  # Adam skips the parameters of finished heads: their grad is None
                 schedule.step()
-                steps += 1
-                if steps == budget:
-                    break
+                for j in running:
+                    steps[j] += 1
+                    for p in named[j].values():
+                        p.grad = None
         finally:
             for p in params:
                 p.grad = None
