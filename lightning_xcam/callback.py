@@ -79,9 +79,10 @@ class ExplanationMonitor(Callback):
     ``torch.autograd.grad`` only.
 
     Cost per evaluation (``N = n_samples``, ``P`` probe items): Expected Grad-CAM ``≈ (N + 1)·P`` forward
-    passes plus the reference bank; GAD the same plus a warm refit of ``k`` small support tails;
+    passes plus the reference bank; GAD the same with ``k + 1`` tails on each trunk pass, plus a refit of
+    its supports (one forward pass over the fit set, then steps on cached activations);
     insertion + deletion ``2·(steps + 1)·P`` forwards; infidelity ``(n_perturb + 1)·P``; max-sensitivity
-    ``sensitivity_samples`` explanations of ``P`` items, so it runs only on every
+    six explanations of the ``P`` items (clean, and five perturbed copies), so it runs only on every
     ``sensitivity_every``-th evaluation.
 
     Args:

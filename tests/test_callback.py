@@ -63,15 +63,18 @@ def _weights(module: pl.LightningModule) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_fit_logs_scalars_images_and_store_without_nan(tmp_path: Path) -> None:
     pl.seed_everything(0)
-    monitor = ExplanationMonitor(target_layer="net.features", **FAST)
+    methods = ("expected_gradcam", "gad")  # the default methods
+    monitor = ExplanationMonitor(target_layer="net.features", **{**FAST, "methods": methods})
     trainer = _trainer(tmp_path, [monitor])
     model = DigitsModule()
     trainer.fit(model, datamodule=DigitsData())
 
     assert [h["epoch"] for h in monitor.history] == [0, 1]
+    gad = monitor._explainers["gad"]
+    assert gad.diagnostics["fits"] == 2 and not gad.diagnostics["stale"]  # refit before each evaluation
     events = EventAccumulator(str(tmp_path / "version_0"), size_guidance={"images": 0, "scalars": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
-    for method in ("expected_gradcam",):
+    for method in methods:
         for name in ("insertion_auc", "deletion_auc", "infidelity", "max_sensitivity", "drift_spearman", "noise_floor"):
             tag = f"xcam/{method}/{name}"
             assert tag in scalars, tag
@@ -80,15 +83,16 @@ def test_fit_logs_scalars_images_and_store_without_nan(tmp_path: Path) -> None:
         assert f"xcam_images/{method}/probe_{int(monitor._data.ids[0]):03d}" in events.Tags()["images"]
     assert "xcam/time_s" in scalars and "xcam/alert" in scalars
     (layout,) = events.Tensors("custom_scalars__config__")  # CUSTOM SCALARS opens on the headline curves
-    assert layout_pb2.Layout.FromString(layout.tensor_proto.string_val[0]) == custom_scalar_layout(FAST["methods"])
+    assert layout_pb2.Layout.FromString(layout.tensor_proto.string_val[0]) == custom_scalar_layout(methods)
     for value in trainer.callback_metrics.values():
         assert torch.isfinite(value).all()
 
     with ExplanationStore(tmp_path / "version_0" / "xcam.sqlite") as store:
         assert store.epochs() == [0, 1]
-        rows = store.metrics(method="expected_gradcam", metric="insertion_auc")
-        assert sorted(r["sample"] for r in rows if r["epoch"] == 1) == sorted(monitor._data.ids.tolist())
-        assert store.maps("expected_gradcam", 1).shape == (6, 16, 16)
+        for method in methods:
+            rows = store.metrics(method=method, metric="insertion_auc")
+            assert sorted(r["sample"] for r in rows if r["epoch"] == 1) == sorted(monitor._data.ids.tolist())
+            assert store.maps(method, 1).shape == (6, 16, 16)
     trainer.validate(model, datamodule=DigitsData())  # afterwards: nothing breaks under inference mode
 
 
