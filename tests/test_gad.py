@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_xcam import GAD
 from lightning_xcam.demos import SmallCNN, load_digits_tensors
 from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM
-from lightning_xcam.methods.gad import _hull_fraction
+from lightning_xcam.methods.gad import _AffineNorm, _hull_fraction
 from lightning_xcam.methods.input_gradients import INPUT_GRADIENT_METHODS, InputGradients, SingleModel
 
 SIZE = 16
@@ -510,6 +510,27 @@ def test_diagnostics_keys_and_mask_stability(trained, gad_gradcam) -> None:
         assert key in d
     assert d["mask_iou_prev"] == {i: 1.0 for i in range(100, 108)}
     assert d["stale"] is False
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d(5), nn.BatchNorm2d(5, affine=False), nn.BatchNorm1d(5)])
+def test_affine_norm_equals_eval_batch_norm_and_shares_its_tensors(norm: nn.Module) -> None:
+    # what a fit step runs in place of a batch norm: the same values and gradients from the same tensors
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        if norm.affine:
+            norm.weight.normal_()
+            norm.bias.normal_()
+    norm.eval()
+    affine = _AffineNorm(norm)
+    assert dict(affine.named_parameters()).keys() == dict(norm.named_parameters()).keys()
+    assert all(a is b for a, b in zip(affine.parameters(), norm.parameters()))
+    x = torch.randn(4, 5, 3, 3) if isinstance(norm, nn.BatchNorm2d) else torch.randn(4, 5)
+    torch.testing.assert_close(affine(x), norm(x), rtol=1e-5, atol=1e-6)
+    if norm.affine:
+        weight = torch.randn_like(x)
+        expected = torch.autograd.grad((norm(x) * weight).sum(), [norm.weight, norm.bias])
+        torch.testing.assert_close(torch.autograd.grad((affine(x) * weight).sum(), [norm.weight, norm.bias]), expected)
 
 
 def test_hull_fraction_hand_cases() -> None:
