@@ -3,8 +3,9 @@
 Run: ``python benchmarks/gad.py [--threads N]`` (default 1 thread: on a shared 2-core machine small ops
 under thread contention distort the ratios; the ratios hold for any thread count the machine really has).
 
-Settings: B = 16 images explained at 64×64, EGC ``n_samples=16``, a bank of 64 references, four supports,
-GAD's defaults otherwise. Models, trained on the real digits at 64×64: SmallCNN (300 SGD steps) and
+Settings: the monitor's defaults — B = 32 probe images explained (at 64×64), EGC ``n_samples=16``, a bank
+of 64 references, four supports, GAD's defaults otherwise; fit sets of 256 (the monitor's ``num_fit``)
+and 128 images. Models, trained on the real digits at 64×64: SmallCNN (300 SGD steps) and
 ResNet-18 (30 SGD steps, the digits as 3 channels).
 
 Protocol: a cold fit on the first model state; then, ``REPEATS`` times, the model takes a few SGD steps
@@ -36,7 +37,7 @@ from lightning_xcam import GAD, ExpectedGradCAM
 from lightning_xcam.demos import SmallCNN, load_digits_tensors
 from lightning_xcam.methods.gad import _execution
 
-SIZE, BATCH, N_SAMPLES, N_BANK, REPEATS = 64, 16, 16, 64, 3
+SIZE, BATCH, N_SAMPLES, N_BANK, REPEATS = 64, 32, 16, 64, 3
 
 
 def _median_time(fn: Callable[[], object], repeats: int = REPEATS) -> float:
@@ -198,7 +199,7 @@ def main() -> None:
         _train(small, images, labels, steps=300, lr=0.02)
         rows.append(_row("SmallCNN", small, "features", images, labels, n_fit, lr=0.02))
     rgb = images.expand(-1, 3, -1, -1).contiguous()
-    for n_fit in (128,) if "resnet18" in models else ():  # its cold fit is long: one fit-set size
+    for n_fit in (256, 128) if "resnet18" in models else ():
         torch.manual_seed(0)
         resnet = torchvision.models.resnet18(num_classes=10)
         _train(resnet, rgb, labels, steps=30, lr=0.01)
