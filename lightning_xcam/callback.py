@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -535,11 +536,18 @@ class ExplanationMonitor(Callback):
         evidence = {alert: evidence_image(self._data.x[: len(seen)], seen, self._data.ids[: len(seen)],
                                           alert.sample_indices, vmax=DISPLAY_CONCENTRATION)
                     for alert in alerts if alert.sample_indices}
+        # One text and one image per kind and step: alerts of one kind for several classes share the
+        # kind's tags, and a second write to a tag at the same step would hide the first.
+        by_kind: dict[str, list[Alert]] = {}
+        for alert in alerts:
+            by_kind.setdefault(alert.kind, []).append(alert)
         for logger in loggers:
-            for alert in alerts:
-                logger.experiment.add_text(f"xcam_alerts/{alert.kind}", _alert_markdown(alert), global_step=step)
-                if alert in evidence:
-                    logger.experiment.add_image(f"xcam_alerts/{alert.kind}/evidence", evidence[alert], global_step=step)
+            for kind, group in by_kind.items():
+                text = "\n\n---\n\n".join(_alert_markdown(alert) for alert in group)
+                logger.experiment.add_text(f"xcam_alerts/{kind}", text, global_step=step)
+                shown = [evidence[alert] for alert in group if alert in evidence]
+                if shown:
+                    logger.experiment.add_image(f"xcam_alerts/{kind}/evidence", _stack_rows(shown), global_step=step)
 
     def _resolve_store_path(self, trainer: pl.Trainer) -> Path:
         if isinstance(self.store_path, (str, Path)):
@@ -663,6 +671,16 @@ def _stack(items: list[Any]) -> tuple[Tensor, Tensor | None, Tensor | None]:
     y = torch.as_tensor([int(v) for v in columns[1]]) if len(columns) > 1 else None
     masks = torch.stack([torch.as_tensor(v).bool() for v in columns[2]]) if len(columns) > 2 else None
     return x, y, masks
+
+
+def _stack_rows(images: list[Tensor], gap: int = 4) -> Tensor:
+    """``[3, H_i, W_i]`` images one below the other, left-aligned on white, ``gap`` pixels apart."""
+    width = max(image.shape[-1] for image in images)
+    rows = []
+    for image in images:
+        rows.append(F.pad(image, (0, width - image.shape[-1]), value=1.0))
+        rows.append(torch.ones(image.shape[0], gap, width, dtype=image.dtype))
+    return torch.cat(rows[:-1], dim=1)
 
 
 def _alert_markdown(alert: Alert) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -22,7 +23,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xcam import ExplanationMonitor
-from lightning_xcam.alerts import Alert
+from lightning_xcam.alerts import Alert, evidence_image
+from lightning_xcam.callback import _ProbeData
 from lightning_xcam.demos import add_decoy_tags, load_digits_tensors
 from lightning_xcam.store import ExplanationStore
 
@@ -140,6 +142,29 @@ def test_alert_on_a_model_that_relies_on_a_tag_with_evidence_in_tensorboard(tmp_
     assert image.step == monitor.history[1]["step"] and image.width == 3 * SIZE + 4  # image | map | overlay
     with ExplanationStore(tmp_path / "version_0" / "xcam.sqlite") as store:
         assert [Alert.from_dict(row) for row in store.alerts()] == monitor.alerts
+
+
+def test_alerts_of_one_kind_for_two_classes_keep_both_texts_and_evidence(tmp_path: Path) -> None:
+    # both alerts share the kind's tags at one step: neither may hide the other
+    monitor = ExplanationMonitor(target_layer="features", log_images=0, store=False)
+    x, y = load_digits_tensors(SIZE)
+    ids = torch.arange(8)
+    monitor._data = _ProbeData(x[:8], y[:8], ids, None, x[8:12], x[12:16], floor=0)
+    maps = torch.rand(8, 4, 4)
+    alerts = [
+        Alert(3, "intervention", 4.0, 2.5, class_index, (2 * class_index, 2 * class_index + 1), f"class {class_index} relies")
+        for class_index in (0, 1)
+    ]
+    logger = TensorBoardLogger(tmp_path, name="", version=0)
+    monitor._log_images(SimpleNamespace(loggers=[logger]), {"expected_gradcam": maps}, step=7, alerts=alerts)
+    logger.experiment.flush()
+    events = EventAccumulator(str(tmp_path / "version_0"), size_guidance={"images": 0, "tensors": 0}).Reload()
+    (text,) = events.Tensors("xcam_alerts/intervention/text_summary")
+    markdown = text.tensor_proto.string_val[0].decode()
+    assert "class 0 relies" in markdown and "class 1 relies" in markdown
+    (image,) = events.Images("xcam_alerts/intervention/evidence")
+    single = evidence_image(x[:8], maps, ids, alerts[0].sample_indices)
+    assert image.step == 7 and image.width == single.shape[-1] and image.height == 2 * single.shape[-2] + 4
 
 
 def test_no_alert_on_the_clean_twin(tmp_path: Path) -> None:
