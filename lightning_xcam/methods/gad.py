@@ -485,6 +485,12 @@ def _polygon_area(vertices: list[tuple[float, float]]) -> float:
     return abs(twice) / 2
 
 
+def _same_logits(replay: Tensor, logits: Tensor) -> bool:
+    """Whether replayed logits equal the model's up to float error (relative to the logits' scale)."""
+    tolerance = 1e-5 * max(1.0, float(logits.abs().max()))
+    return replay.shape == logits.shape and torch.allclose(replay, logits, rtol=1e-5, atol=tolerance)
+
+
 def _r2(pred: Tensor, target: Tensor, centered: bool = False) -> Tensor:
     """Multi-output R² per model: ``1 − Σ(pred − target)² / Σ(target − column mean)²`` over the last two
     dimensions of ``[M, N, K]`` inputs (``[M]``). ``centered``: the R² ``pred`` would have after adding its
@@ -813,7 +819,6 @@ class GAD:
         assert self._plan is not None
         names = [n for n in (self._plan.split, self._plan.cut) if n is not None]
         captured: dict[str, list[Tensor]] = {n: [] for n in names}
-        logits = []
         handles = [
             self.model.get_submodule(n).register_forward_hook(
                 lambda _m, _i, out, n=n: captured[n].append(out.detach().clone())
@@ -851,20 +856,36 @@ class GAD:
     def _cut_reproduces(self, x: Tensor, feeds: Tensor, cuts: Tensor, logits: Tensor) -> bool:
         """Whether the original's fit view reproduces the model's logits from the cached cut outputs."""
         assert self._original_view is not None
-        n = min(x.shape[0], 64)
-        # As in `_check_self_contained`: an in-place op on a skipped module's pass-through value (a
-        # ResNet block's `relu(inplace=True)`) writes into the injected tensors, so heads then need copies.
-        feed, cut = feeds[:n].clone(), cuts[:n].clone()
-        versions = feed._version, cut._version
-        self._cut_feed.copy = False
         try:
-            replay = self._predict(x[:n], feed, [self._original_view], cut)[0]
+            replay, expected, (feed_written, cut_written) = self._replay(self._original_view, x, feeds, logits, cuts)
         except RuntimeError:
             return False
-        self._feed.copy = self._feed.copy or feed._version != versions[0]
-        self._cut_feed.copy = cut._version != versions[1]
-        tolerance = 1e-5 * max(1.0, float(logits[:n].abs().max()))
-        return replay.shape == logits[:n].shape and torch.allclose(replay, logits[:n], rtol=1e-5, atol=tolerance)
+        # An in-place op on a skipped module's pass-through value (a ResNet block's `relu(inplace=True)`)
+        # writes into the injected tensors, so the heads then need copies.
+        self._feed.copy = self._feed.copy or feed_written
+        self._cut_feed.copy = cut_written
+        return _same_logits(replay, expected)
+
+    def _replay(
+        self, member: nn.Module, x: Tensor, feeds: Tensor, logits: Tensor, cuts: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, list[bool]]:
+        """``member``'s logits on the cached outputs of the first (at most 64) fit items, the model's own
+        logits there, and whether ``member`` wrote into each injected tensor (the trunk output, then the cut
+        output). One chunk is enough to catch a tail that reads a value it was not given.
+
+        Raises:
+            RuntimeError: When ``member`` fails on the cached outputs.
+        """
+        n = min(x.shape[0], 64)
+        injected = [feeds[:n].clone()] + ([] if cuts is None else [cuts[:n].clone()])
+        versions = [t._version for t in injected]
+        flags = self._feed.copy, self._cut_feed.copy
+        self._feed.copy = self._cut_feed.copy = False  # hand over the tensors themselves, so a write shows
+        try:
+            replay = self._predict(x[:n], injected[0], [member], injected[1] if cuts is not None else None)[0]
+        finally:
+            self._feed.copy, self._cut_feed.copy = flags
+        return replay, logits[:n], [t._version != v for t, v in zip(injected, versions)]
 
     def _check_self_contained(self, x: Tensor, feeds: Tensor, logits: Tensor) -> None:
         if self._plan is None or self._plan.split is None:
@@ -875,22 +896,14 @@ class GAD:
             "boundary, or `shared_trunk=False`."
         )
         try:
-            # One chunk is enough to catch a tail that reads another trunk value, or writes into its input
-            # (then every head gets its own copy of the trunk output; otherwise they share it).
-            n = min(x.shape[0], 64)
-            probe = feeds[:n].clone()
-            version = probe._version
-            self._feed.copy = False
-            replay = self._predict(x[:n], probe, [self._original])[0]
-            self._feed.copy = probe._version != version
-            logits = logits[:n]
+            replay, expected, (written,) = self._replay(self._original, x, feeds, logits)
         except RuntimeError as err:
             raise ValueError(
                 f"the tail after `split={self._plan.split!r}` is not self-contained: it fails on the cached split "
                 f"output ({err}). {hint}"
             ) from err
-        tolerance = 1e-5 * max(1.0, float(logits.abs().max()))
-        if replay.shape != logits.shape or not torch.allclose(replay, logits, rtol=1e-5, atol=tolerance):
+        self._feed.copy = written  # a tail that writes into its input needs a copy per head; else they share it
+        if not _same_logits(replay, expected):
             raise ValueError(
                 f"the tail after `split={self._plan.split!r}` is not self-contained: running it on the cached split "
                 f"output does not reproduce the model's logits. {hint}"
