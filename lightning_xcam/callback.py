@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -36,7 +35,7 @@ from lightning_xcam.maps import degenerate
 from lightning_xcam.methods._guard import explanation_context, fresh_input
 from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM, IntegratedGradCAM, _LayerProbe
 from lightning_xcam.methods.layers import resolve_layer
-from lightning_xcam.render import DISPLAY_CONCENTRATION, explanation_panel, relative_mass
+from lightning_xcam.render import DISPLAY_CONCENTRATION, explanation_panel, relative_mass, stack_rows
 from lightning_xcam.store import ExplanationStore
 from lightning_xcam.tensorboard import DETERMINISTIC_METHODS, write_layout
 
@@ -547,7 +546,7 @@ class ExplanationMonitor(Callback):
                 logger.experiment.add_text(f"xcam_alerts/{kind}", text, global_step=step)
                 shown = [evidence[alert] for alert in group if alert in evidence]
                 if shown:
-                    logger.experiment.add_image(f"xcam_alerts/{kind}/evidence", _stack_rows(shown), global_step=step)
+                    logger.experiment.add_image(f"xcam_alerts/{kind}/evidence", stack_rows(shown), global_step=step)
 
     def _resolve_store_path(self, trainer: pl.Trainer) -> Path:
         if isinstance(self.store_path, (str, Path)):
@@ -671,16 +670,6 @@ def _stack(items: list[Any]) -> tuple[Tensor, Tensor | None, Tensor | None]:
     y = torch.as_tensor([int(v) for v in columns[1]]) if len(columns) > 1 else None
     masks = torch.stack([torch.as_tensor(v).bool() for v in columns[2]]) if len(columns) > 2 else None
     return x, y, masks
-
-
-def _stack_rows(images: list[Tensor], gap: int = 4) -> Tensor:
-    """``[3, H_i, W_i]`` images one below the other, left-aligned on white, ``gap`` pixels apart."""
-    width = max(image.shape[-1] for image in images)
-    rows = []
-    for image in images:
-        rows.append(F.pad(image, (0, width - image.shape[-1]), value=1.0))
-        rows.append(torch.ones(image.shape[0], gap, width, dtype=image.dtype))
-    return torch.cat(rows[:-1], dim=1)
 
 
 def _alert_markdown(alert: Alert) -> str:

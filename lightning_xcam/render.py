@@ -30,7 +30,7 @@ from lightning_xcam.maps import display_normalize, unit_mass, upsample
 #: many times a uniform map's share of the mass is drawn at full colour (see :func:`relative_mass`).
 DISPLAY_CONCENTRATION = 4.0
 
-__all__ = ["COLORMAPS", "DISPLAY_CONCENTRATION", "colormap", "relative_mass", "scale_maps", "overlay", "explanation_panel", "grid", "to_png"]
+__all__ = ["COLORMAPS", "DISPLAY_CONCENTRATION", "colormap", "relative_mass", "scale_maps", "overlay", "explanation_panel", "grid", "stack_rows", "to_png"]
 
 # Anchor colours (sRGB in [0, 1]) at t = 0, 1/16, ..., 1.
 _ANCHORS: dict[str, tuple[tuple[float, float, float], ...]] = {
@@ -234,6 +234,30 @@ def grid(images: Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0
     from torchvision.utils import make_grid  # deferred: torchvision costs a second at import (CLI start-up)
 
     return make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)
+
+
+def stack_rows(images: list[Tensor], gap: int = 4, pad_value: float = 1.0) -> Tensor:
+    """Put ``[C, H_i, W_i]`` images of any height one below the other, left-aligned, ``gap`` pixels apart
+    (:func:`grid` needs images of one size).
+
+    Args:
+        images: A non-empty list of ``[C, H_i, W_i]`` images with the same ``C``.
+        gap: Pixels between two images.
+        pad_value: Colour of the gap and of the padding right of narrower images (1.0 = white).
+
+    Returns:
+        ``[C, ΣH_i + gap·(n − 1), max W_i]``.
+
+    Example:
+        >>> stack_rows([torch.zeros(3, 2, 5), torch.zeros(3, 4, 3)], gap=1).shape
+        torch.Size([3, 7, 5])
+    """
+    width = max(image.shape[-1] for image in images)
+    rows = []
+    for image in images:
+        rows.append(torch.nn.functional.pad(image, (0, width - image.shape[-1]), value=pad_value))
+        rows.append(torch.full((image.shape[0], gap, width), pad_value, dtype=image.dtype, device=image.device))
+    return torch.cat(rows[:-1], dim=1)
 
 
 def to_png(image: Tensor, compression_level: int = 6) -> bytes:

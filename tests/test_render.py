@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_xcam.render import COLORMAPS, colormap, explanation_panel, grid, overlay, relative_mass, scale_maps, to_png
+from lightning_xcam.render import COLORMAPS, colormap, explanation_panel, grid, overlay, relative_mass, scale_maps, stack_rows, to_png
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _LUMA = torch.tensor([0.2126, 0.7152, 0.0722])
@@ -165,3 +165,12 @@ def test_relative_mass_is_the_share_of_a_uniform_map() -> None:
     maps = torch.tensor([[[1.0, 3.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
     assert relative_mass(maps).tolist() == [[[1.0, 3.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]
     assert relative_mass(torch.full((1, 3, 3), 7.0)).allclose(torch.ones(1, 3, 3))
+
+
+def test_stack_rows_puts_images_of_any_height_below_each_other_on_white() -> None:
+    top, bottom = torch.zeros(3, 2, 5), torch.full((3, 1, 3), 0.5)
+    stacked = stack_rows([top, bottom], gap=2)
+    assert stacked.shape == (3, 5, 5)
+    assert torch.equal(stacked[:, :2], top)
+    assert bool((stacked[:, 2:4] == 1).all())  # the gap
+    assert torch.equal(stacked[:, 4:, :3], bottom) and bool((stacked[:, 4:, 3:] == 1).all())  # padded right
