@@ -80,7 +80,9 @@ class ExplanationMonitor(Callback):
 
     Cost per evaluation (``N = n_samples``, ``P`` probe items): Expected Grad-CAM ``≈ (N + 1)·P`` forward
     passes plus the reference bank; GAD the same with ``k + 1`` tails on each trunk pass, plus a refit of
-    its supports (one forward pass over the fit set, then steps on cached activations);
+    its supports (one forward pass over the fit set, then steps on cached activations). GAD explains the
+    original model with the monitor's Expected Grad-CAM on the way, so the two methods together cost one
+    pass;
     insertion + deletion ``2·(steps + 1)·P`` forwards; infidelity ``(n_perturb + 1)·P``; max-sensitivity
     six explanations of the ``P`` items (clean, and five perturbed copies), so it runs only on every
     ``sensitivity_every``-th evaluation.
@@ -341,16 +343,23 @@ class ExplanationMonitor(Callback):
         maps_by_method: dict[str, Tensor] = {}
         floors: dict[str, tuple[Tensor, Tensor]] = {}
         rank_zero_info(f"xcam: explaining {data.total} probe items at epoch {epoch} with {', '.join(self.methods)}")
+        explainers = self._explainers_for(pl_module)
+        all_maps = self._explain(explainers, data.x, data.targets, data.ids)
+        stochastic = [m for m in self.methods if m not in DETERMINISTIC_METHODS]
+        replicates = {}
+        if stochastic and data.floor:
+            # the noise-floor replicate: the first items of every shard again, on random stream 1
+            rows = slice(0, data.floor)
+            replicates = self._explain({m: explainers[m] for m in stochastic}, data.x[rows], data.targets[rows],
+                                       data.ids[rows], stream=1)
+        rank_zero_info(f"xcam: explained in {time.perf_counter() - started:.1f} s")
         for position, method in enumerate(self.methods, start=1):
             method_started = time.perf_counter()
-            explainer = self._explainer(method, pl_module)
-            maps = explainer(data.x, data.targets, sample_ids=data.ids)
-            values = self._scores(method, explainer, pl_module, data, maps, evaluation, minimal)
-            if method not in DETERMINISTIC_METHODS and data.floor:
-                # the noise-floor replicate: the first items of every shard again, on random stream 1
+            maps = all_maps[method]
+            values = self._scores(method, explainers[method], pl_module, data, maps, evaluation, minimal)
+            if method in replicates:
                 replicate = torch.zeros_like(maps)
-                replicate[: data.floor] = explainer(data.x[: data.floor], data.targets[: data.floor],
-                                                    sample_ids=data.ids[: data.floor], stream=1)
+                replicate[: data.floor] = replicates[method]
                 flag = torch.arange(maps.shape[0], device=maps.device) < data.floor
                 values = {**values, "floor_maps": replicate, "floor_flag": flag.float()}
             gathered = data.gather(trainer, {"maps": maps, **values})
@@ -359,7 +368,7 @@ class ExplanationMonitor(Callback):
                 flag = gathered.pop("floor_flag").bool()
                 floors[method] = (gathered.pop("floor_maps"), flag)
             per_sample[method] = gathered
-            rank_zero_info(f"xcam: [{position}/{len(self.methods)}] {method}: explained and scored in "
+            rank_zero_info(f"xcam: [{position}/{len(self.methods)}] {method}: scored in "
                            f"{time.perf_counter() - method_started:.1f} s")
         summaries, drift_rows, small_maps = self._drift(maps_by_method, floors, self._data.ids[: data.total])
         for method, values in per_sample.items():
@@ -386,13 +395,37 @@ class ExplanationMonitor(Callback):
                        f"{len(new_alerts)} new shortcut alert(s)")
         self._maybe_stop(trainer, new_alerts)
 
-    def _explainer(self, method: str, pl_module: pl.LightningModule) -> Any:
-        if method not in self._explainers:
-            self._explainers[method] = self._build(method, pl_module, self.target_layer)
-        explainer = self._explainers[method]
-        if hasattr(explainer, "fit"):
-            explainer.fit(self._data.fit.to(pl_module.device))  # warm start after the first evaluation
-        return explainer
+    def _explainers_for(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Every method's explainer, built once (GAD after Expected Grad-CAM, which it takes as its base);
+        GAD's supports are refit to the current model (a warm start after the first evaluation)."""
+        assert self._data is not None
+        if not self._explainers:
+            for method in sorted(self.methods, key=lambda m: m == "gad"):
+                self._explainers[method] = self._build(method, pl_module, self.target_layer)
+        for explainer in self._explainers.values():
+            if hasattr(explainer, "fit"):
+                explainer.fit(self._data.fit.to(pl_module.device))
+        return {method: self._explainers[method] for method in self.methods}
+
+    @staticmethod
+    def _explain(
+        explainers: dict[str, Any], x: Tensor, targets: Tensor, ids: Tensor, stream: int = 0
+    ) -> dict[str, Tensor]:
+        """Maps of every method. GAD explains the original model with its base explainer on the way, so
+        when that base is the monitor's own Expected Grad-CAM, its maps come from GAD's pass for free."""
+        maps: dict[str, Tensor] = {}
+        for method in sorted(explainers, key=lambda m: m != "gad"):
+            if method in maps:
+                continue
+            explainer = explainers[method]
+            if method == "gad":
+                result = explainer.explain(x, targets, sample_ids=ids, stream=stream)
+                maps[method] = result.maps
+                if explainers.get("expected_gradcam") is explainer.base:
+                    maps["expected_gradcam"] = result.base_maps[0]
+            else:
+                maps[method] = explainer(x, targets, sample_ids=ids, stream=stream)
+        return {method: maps[method] for method in explainers}
 
     def _build(self, method: str, pl_module: pl.LightningModule, layer: str) -> Any:
         assert self._data is not None
@@ -404,7 +437,8 @@ class ExplanationMonitor(Callback):
         if method == "gad":
             from lightning_xcam.methods.gad import GAD  # support models cost memory only when GAD is used
 
-            return GAD(pl_module, layer, base=ExpectedGradCAM(pl_module, layer, **egc), seed=self.seed)
+            base = self._explainers.get("expected_gradcam") or ExpectedGradCAM(pl_module, layer, **egc)
+            return GAD(pl_module, layer, base=base, seed=self.seed)
         if method == "gradcam":
             return GradCAM(pl_module, layer, batch_size=self.batch_size)
         return IntegratedGradCAM(pl_module, layer, steps=self.n_samples, batch_size=self.batch_size)

@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xcam import ExplanationMonitor
 from lightning_xcam.demos import DigitsClassifier, load_digits_tensors
+from lightning_xcam.methods.cam import ExpectedGradCAM
+from lightning_xcam.methods.gad import GAD
 from lightning_xcam.store import ExplanationStore
 from lightning_xcam.tensorboard import custom_scalar_layout
 
@@ -229,3 +231,21 @@ def test_bad_setup_fails_before_training(tmp_path: Path, kwargs: dict, match: st
 def test_state_key_names_the_identifying_arguments() -> None:
     monitor = ExplanationMonitor(target_layer="net.features", every_n_epochs=2, num_probe=8)
     assert monitor.state_key == "ExplanationMonitor{'target_layer': 'net.features', 'every_n_epochs': 2, 'num_probe': 8}"
+
+
+def test_expected_gradcam_maps_come_from_gads_pass(small_cnn: torch.nn.Module, digits: tuple) -> None:
+    x = torch.nn.functional.interpolate(digits[0][:40], size=16)
+    egc = ExpectedGradCAM(small_cnn, "features", references=x[30:], n_samples=3, seed=1)
+    gad = GAD(small_cnn, "features", base=egc, seed=1, r2_threshold=float("-inf"), steps=5)
+    gad.fit(x[:30])
+    calls = []
+    original_run = egc.run
+    egc.run = lambda *args: calls.append(args[0]) or original_run(*args)  # the probe each pass runs on
+    ids = torch.tensor([7, 3, 9, 4])
+    maps = ExplanationMonitor._explain({"expected_gradcam": egc, "gad": gad}, x[:4], None, ids, stream=1)
+    assert list(maps) == ["expected_gradcam", "gad"]
+    assert len(calls) == 1 and calls[0].model is not small_cnn  # one pass, on GAD's ensemble
+    egc.run = original_run
+    alone = egc(x[:4], sample_ids=ids, stream=1)
+    torch.testing.assert_close(maps["expected_gradcam"], alone, rtol=1e-5, atol=1e-6 * float(alone.max()))
+    torch.testing.assert_close(maps["gad"], gad(x[:4], sample_ids=ids, stream=1))
