@@ -31,6 +31,7 @@ from typing_extensions import override
 from lightning_xcam import drift as drift_stats
 from lightning_xcam import metrics as xm
 from lightning_xcam.alerts import Alert, WarningRule, evidence_image, observe
+from lightning_xcam.budget import CostBudget
 from lightning_xcam.maps import degenerate
 from lightning_xcam.methods._guard import explanation_context, fresh_input
 from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM, IntegratedGradCAM, _LayerProbe
@@ -87,6 +88,15 @@ class ExplanationMonitor(Callback):
     six explanations of the ``P`` items (clean, and five perturbed copies), so it runs only on every
     ``sensitivity_every``-th evaluation.
 
+    **Cost budget.** Explanations, drift and the shortcut checks run at every due evaluation; the metrics
+    are the optional part. A metric runs when the monitor's total wall time, with that metric's last
+    measured cost added, stays within ``max_overhead`` of the fit's training time so far (everything
+    outside the monitor: steps, validation, checkpoints); otherwise it is deferred to a later evaluation
+    (an info line says so, and its scalar is absent at that epoch). Every metric runs at the first
+    evaluation. ``xcam/overhead`` logs the share reached. With ``max_overhead=None`` every metric runs at
+    every evaluation: use that when an ``EarlyStopping`` or ``ModelCheckpoint`` monitors an ``xcam``
+    score, or when epochs are so short that the budget would defer most scores.
+
     Args:
         target_layer: Dotted name of the CAM layer inside the LightningModule; ``None`` detects the last
             module with a spatial output.
@@ -113,6 +123,8 @@ class ExplanationMonitor(Callback):
         spurious_masks: Optional ``[P, H, W]`` masks of a suspected shortcut region for the probe items
             (also read from probe items ``(x, y, mask)``).
         alert_patience: Consecutive evaluations a shortcut signal must rise before an alert.
+        max_overhead: Largest share of training wall time the metrics may bring the monitor to (``0.02``
+            = 2 %); ``None`` computes every metric at every evaluation (see *Cost budget*).
 
     Raises:
         MisconfigurationException: On invalid arguments (at construction), an unknown or non-spatial
@@ -149,6 +161,7 @@ class ExplanationMonitor(Callback):
         batch_size: int | None = 256,
         spurious_masks: Tensor | None = None,
         alert_patience: int = 2,
+        max_overhead: float | None = 0.02,
     ) -> None:
         super().__init__()
         _check_int("num_probe", num_probe, 1)
@@ -200,6 +213,11 @@ class ExplanationMonitor(Callback):
         self.history: list[dict[str, Any]] = []
         self.alerts: list[Alert] = []
         self.shortcuts = WarningRule(patience=alert_patience)
+        try:
+            self.budget = CostBudget(max_overhead)
+        except ValueError as err:
+            raise MisconfigurationException(str(err)) from err
+        self.max_overhead = max_overhead
         self.run_id: str | None = None
         self.stopped_epoch = -1
         self._data: _ProbeData | None = None
@@ -258,6 +276,7 @@ class ExplanationMonitor(Callback):
         if trainer.is_global_zero:
             for logger in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
                 write_layout(logger.experiment, self.methods)  # CUSTOM SCALARS opens on the curves to read first
+        self.budget.resume_training()
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -291,6 +310,7 @@ class ExplanationMonitor(Callback):
             "previous_maps": {k: v.cpu() for k, v in self._previous.items()},
             "last_run_epoch": self._last_run_epoch,
             "stopped_epoch": self.stopped_epoch,
+            "budget": self.budget.state_dict(),
         }
 
     @override
@@ -303,6 +323,7 @@ class ExplanationMonitor(Callback):
         self._previous = dict(state_dict["previous_maps"])
         self._last_run_epoch = state_dict["last_run_epoch"]
         self.stopped_epoch = state_dict["stopped_epoch"]
+        self.budget.load_state_dict(state_dict["budget"])
 
     def _check_layer(self, pl_module: pl.LightningModule) -> None:
         """Resolve (or detect) the CAM layer on a real probe item; fail before the first training batch."""
@@ -332,6 +353,14 @@ class ExplanationMonitor(Callback):
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_train_hook: bool) -> None:
         assert self._data is not None, "on_train_start draws the probe before the first evaluation"
+        self.budget.begin()
+        try:
+            self._run_evaluation(trainer, pl_module, in_train_hook)
+        finally:
+            self.budget.end()
+
+    def _run_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_train_hook: bool) -> None:
+        assert self._data is not None
         started = time.perf_counter()
         epoch = trainer.current_epoch
         self._last_run_epoch = epoch
@@ -353,10 +382,12 @@ class ExplanationMonitor(Callback):
             replicates = self._explain({m: explainers[m] for m in stochastic}, data.x[rows], data.targets[rows],
                                        data.ids[rows], stream=1)
         rank_zero_info(f"xcam: explained in {time.perf_counter() - started:.1f} s")
+        scores = self._plan_scores(trainer, evaluation, minimal)
+        costs = dict.fromkeys(scores, 0.0)
         for position, method in enumerate(self.methods, start=1):
             method_started = time.perf_counter()
             maps = all_maps[method]
-            values = self._scores(method, explainers[method], pl_module, data, maps, evaluation, minimal)
+            values = self._scores(scores, costs, explainers[method], pl_module, data, maps, minimal)
             if method in replicates:
                 replicate = torch.zeros_like(maps)
                 replicate[: data.floor] = replicates[method]
@@ -378,7 +409,10 @@ class ExplanationMonitor(Callback):
                     summaries[f"xcam/{method}/{name}"] = float(finite.mean())
             summaries[f"xcam/{method}/degenerate"] = float(degenerate(maps_by_method[method]).sum())
         new_alerts = self._check_shortcuts(pl_module, epoch, data.total, maps_by_method, floors)
+        for name, seconds in costs.items():
+            self.budget.record(name, seconds)
         summaries["xcam/alert"] = float(bool(new_alerts))
+        summaries["xcam/overhead"] = self.budget.overhead
         summaries["xcam/time_s"] = time.perf_counter() - started
         for tag, value in summaries.items():
             pl_module.log(tag, value, on_step=False, on_epoch=True, logger=True, sync_dist=False)
@@ -443,14 +477,28 @@ class ExplanationMonitor(Callback):
             return GradCAM(pl_module, layer, batch_size=self.batch_size)
         return IntegratedGradCAM(pl_module, layer, steps=self.n_samples, batch_size=self.batch_size)
 
+    def _plan_scores(self, trainer: pl.Trainer, evaluation: int, minimal: bool) -> list[str]:
+        """The metrics this evaluation computes: max-sensitivity on every ``sensitivity_every``-th, and then
+        those that fit ``max_overhead`` (decided on rank 0, so every rank scores the same)."""
+        due = [m for m in self.metrics if m != "max_sensitivity" or evaluation % self.sensitivity_every == 0]
+        planned = due if minimal else self.budget.plan(due)
+        planned = trainer.strategy.broadcast(planned, src=0)
+        deferred = [m for m in due if m not in planned]
+        if deferred:
+            rank_zero_info(f"xcam: deferring {', '.join(deferred)} to keep the monitor within max_overhead="
+                           f"{self.max_overhead:g} of training time (now {self.budget.overhead:.1%})")
+        return planned
+
     def _scores(
-        self, method: str, explainer: Any, pl_module: pl.LightningModule, data: _Shard, maps: Tensor,
-        evaluation: int, minimal: bool,
+        self, names: Sequence[str], costs: dict[str, float], explainer: Any, pl_module: pl.LightningModule,
+        data: _Shard, maps: Tensor, minimal: bool,
     ) -> dict[str, Tensor]:
+        """Per-sample values of the metrics ``names`` for one method; adds each metric's seconds to ``costs``."""
         model, x, c, ids = pl_module, data.x, data.targets, data.ids
         steps = 4 if minimal else self.steps
         values: dict[str, Tensor] = {}
-        for name in self.metrics:
+        for name in names:
+            started = time.perf_counter()
             if name == "insertion":
                 values["insertion_auc"] = xm.insertion_auc(model, x, maps, c, steps=steps, max_batch=self.batch_size)
             elif name == "deletion":
@@ -459,17 +507,17 @@ class ExplanationMonitor(Callback):
                 values["infidelity"] = xm.infidelity(model, x, maps, c, n_perturb=self.n_perturb, seed=self.seed,
                                                      sample_ids=ids, max_batch=self.batch_size)
             elif name == "max_sensitivity":
-                if evaluation % self.sensitivity_every == 0:
-                    values["max_sensitivity"] = xm.max_sensitivity(
-                        explainer, x, c, n_samples=2 if minimal else 5, seed=self.seed, sample_ids=ids,
-                        model=model, max_batch=self.batch_size,
-                    )
+                values["max_sensitivity"] = xm.max_sensitivity(
+                    explainer, x, c, n_samples=2 if minimal else 5, seed=self.seed, sample_ids=ids,
+                    model=model, max_batch=self.batch_size,
+                )
             elif name == "average_drop":
                 values["average_drop"] = xm.average_drop(model, x, maps, c, max_batch=self.batch_size)
             elif name == "sparseness":
                 values["sparseness"] = xm.sparseness(maps)
             else:
                 values["entropy"] = xm.entropy(maps, normalized=True)
+            costs[name] += time.perf_counter() - started
         if "insertion_auc" in values and "deletion_auc" in values:
             values["insertion_minus_deletion"] = values["insertion_auc"] - values["deletion_auc"]
         return {k: v.detach().float() for k, v in values.items()}
@@ -594,7 +642,7 @@ class ExplanationMonitor(Callback):
             "methods": list(self.methods), "metrics": list(self.metrics), "seed": self.seed,
             "n_samples": self.n_samples, "noise_std": self.noise_std, "num_references": self.num_references,
             "num_fit": self.num_fit, "floor_size": self.floor_size, "steps": self.steps,
-            "n_perturb": self.n_perturb, "targets": "predicted class (argmax on the clean probe image)",
+            "n_perturb": self.n_perturb, "max_overhead": self.max_overhead, "targets": "predicted class (argmax on the clean probe image)",
             "probe_ids": self._data.ids.tolist() if self._data is not None else None,
         }
 

@@ -26,8 +26,9 @@ from lightning_xcam.methods.gad import GAD
 from lightning_xcam.store import ExplanationStore
 from lightning_xcam.tensorboard import custom_scalar_layout
 
+# max_overhead=None: these tests check what each evaluation stores, so every metric runs every time
 FAST = dict(methods=("expected_gradcam",), num_probe=6, n_samples=3, num_references=8, num_fit=48, floor_size=3, steps=4, n_perturb=3,
-            log_images=2, sensitivity_every=1)
+            log_images=2, sensitivity_every=1, max_overhead=None)
 
 
 def DigitsModule() -> pl.LightningModule:  # noqa: N802 - reads like the class it builds
@@ -122,12 +123,16 @@ def test_resume_continues_history_and_store_once_per_epoch(tmp_path: Path) -> No
     _trainer(tmp_path, [first, checkpoint], enable_checkpointing=True).fit(DigitsModule(), datamodule=DigitsData())
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert [h["epoch"] for h in saved["callbacks"][first.state_key]["history"]] == [0, 1]
+    budget = saved["callbacks"][first.state_key]["budget"]
+    assert budget["spent"] > 0 and budget["trained"] > 0 and set(budget["costs"]) == {"insertion", "deletion",
+                                                                                      "infidelity", "max_sensitivity"}
 
     resumed = ExplanationMonitor(target_layer="net.features", store=str(store), **FAST)
     trainer = _trainer(tmp_path, [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt")], max_epochs=4,
                        enable_checkpointing=True)
     trainer.fit(DigitsModule(), datamodule=DigitsData(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    assert resumed.budget.spent > budget["spent"] and resumed.budget.trained > budget["trained"]  # totals go on
     assert "xcam/expected_gradcam/drift_spearman" in resumed.history[2]  # drift against the restored maps
     with ExplanationStore(store, run="version_0") as db:
         assert db.epochs() == [0, 1, 2, 3]
@@ -249,3 +254,20 @@ def test_expected_gradcam_maps_come_from_gads_pass(small_cnn: torch.nn.Module, d
     alone = egc(x[:4], sample_ids=ids, stream=1)
     torch.testing.assert_close(maps["expected_gradcam"], alone, rtol=1e-5, atol=1e-6 * float(alone.max()))
     torch.testing.assert_close(maps["gad"], gad(x[:4], sample_ids=ids, stream=1))
+
+
+@pytest.mark.slow
+def test_budget_defers_metrics_when_epochs_are_short(tmp_path: Path) -> None:
+    # Epochs of 6 batches cost far less than one evaluation, so after the first evaluation (every metric, to
+    # measure its cost) 2 % of training time never covers a metric again; explanations still run.
+    monitor = ExplanationMonitor(target_layer="net.features", store=False, **{**FAST, "max_overhead": 0.02})
+    _trainer(tmp_path, [monitor], max_epochs=3).fit(DigitsModule(), datamodule=DigitsData())
+    first, *later = monitor.history
+    assert {"xcam/expected_gradcam/insertion_auc", "xcam/expected_gradcam/max_sensitivity"} <= first.keys()
+    for entry in later:
+        assert not any(name in key for key in entry for name in ("insertion", "deletion", "infidelity", "sensitivity"))
+        assert "xcam/expected_gradcam/drift_spearman" in entry
+        assert entry["xcam/overhead"] > 0.02
+    assert set(monitor.budget.costs) == {"insertion", "deletion", "infidelity", "max_sensitivity"}
+    computed = sum(h["xcam/time_s"] for h in monitor.history)  # time_s stops before images and the store
+    assert computed < monitor.budget.spent < computed + 1.0

@@ -1,0 +1,81 @@
+"""The cost budget: time accounting and the plan of optional parts, on a fake clock."""
+
+from __future__ import annotations
+
+import doctest
+import itertools
+
+import pytest
+
+import lightning_xcam.budget
+from lightning_xcam.budget import CostBudget
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_training_and_evaluation_time_alternate() -> None:
+    clock = FakeClock()
+    budget = CostBudget(0.1, clock=clock)
+    budget.resume_training()
+    for train, evaluate in ((100.0, 4.0), (50.0, 6.0)):
+        clock.now += train
+        budget.begin()
+        clock.now += evaluate
+        assert budget.overhead == pytest.approx((budget.spent + evaluate) / budget.trained)  # running one counts
+        budget.end()
+    assert (budget.trained, budget.spent) == (150.0, 10.0)
+    assert budget.overhead == pytest.approx(10 / 150)
+
+
+def test_plan_runs_unmeasured_parts_then_what_fits_in_order() -> None:
+    clock = FakeClock()
+    budget = CostBudget(0.1, clock=clock)
+    budget.resume_training()
+    clock.now = 100.0
+    budget.begin()
+    assert budget.plan(["a", "b", "c"]) == ["a", "b", "c"]  # nothing measured yet
+    budget.record("a", 4.0)
+    budget.record("b", 5.0)
+    budget.record("c", 1.0)
+    clock.now = 103.0  # 3 s into the evaluation: allowance 0.1·100 − 0 − 3 = 7 s
+    assert budget.plan(["a", "b", "c"]) == ["a", "c"]  # b would make 9 s; c still fits after a
+    assert budget.plan(["b", "a"]) == ["b"]
+    budget.end()  # spent 3 s: allowance 0.1·100 − 3 = 7 s
+    budget.record("c", 8.0)
+    assert budget.plan(["b", "c"]) == ["b"]
+
+
+def test_no_share_runs_everything() -> None:
+    budget = CostBudget(None, clock=FakeClock())
+    budget.record("a", 1e9)
+    assert budget.plan(["a", "b"]) == ["a", "b"]
+
+
+@pytest.mark.parametrize("share", [0, -0.1, float("nan"), float("inf"), True, "2%"])
+def test_bad_share_is_refused(share: object) -> None:
+    with pytest.raises(ValueError, match="max_overhead"):
+        CostBudget(share)  # type: ignore[arg-type]
+
+
+def test_state_round_trip_keeps_totals_and_costs() -> None:
+    clock = FakeClock()
+    budget = CostBudget(0.02, clock=clock)
+    budget.resume_training()
+    clock.now = 10.0
+    budget.begin()
+    clock.now = 11.0
+    budget.end()
+    budget.record("insertion", 0.5)
+    restored = CostBudget(0.02, clock=itertools.count().__next__)
+    restored.load_state_dict(budget.state_dict())
+    assert restored.state_dict() == {"trained": 10.0, "spent": 1.0, "costs": {"insertion": 0.5}}
+
+
+def test_docstring_example() -> None:
+    assert doctest.testmod(lightning_xcam.budget).failed == 0
