@@ -292,6 +292,11 @@ def _fraction_or_count(text: str) -> float | int:
         return float(text)
 
 
+def _share_or_none(text: str) -> float | None:
+    """``max_overhead`` on the command line: a share such as ``0.02``, or ``none``."""
+    return None if text.lower() == "none" else float(text)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line (see ``--help``).
 
@@ -329,6 +334,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     xcam.add_argument("--num-probe", type=int, default=32)
     xcam.add_argument("--n-samples", type=int, default=16)
     xcam.add_argument("--log-images", type=int, default=8)
+    xcam.add_argument("--max-overhead", type=_share_or_none, default=0.02,
+                      help="largest share of training time the metrics may bring the monitor to; 'none' scores "
+                           "at every evaluation")
     return parser.parse_args(argv)
 
 
@@ -349,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[pl.Trainer, ExplanationMoni
     monitor = ExplanationMonitor(
         target_layer=args.target_layer, every_n_epochs=args.every_n_epochs, methods=args.methods,
         metrics=args.metrics, num_probe=args.num_probe, n_samples=args.n_samples, log_images=args.log_images,
-        seed=args.seed,
+        seed=args.seed, max_overhead=args.max_overhead,
     )
     logger = TensorBoardLogger(args.log_dir, name="")
     devices = args.devices if args.devices == "auto" else int(args.devices)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 __all__ = ["CostBudget"]
@@ -23,11 +23,11 @@ class CostBudget:
 
     Call :meth:`resume_training` when training (re)starts, :meth:`begin` and :meth:`end` around each
     evaluation, and :meth:`plan` inside it; :meth:`record` the measured cost of every part that ran. A part
-    never measured yet always runs (its cost is unknown until then); later it runs when
-    ``spent + elapsed + planned + cost ≤ share × trained``, where ``spent`` is the monitor's time in earlier
-    evaluations, ``elapsed`` the time of the current one so far and ``planned`` the cost of the parts already
-    accepted for it. Over a long fit the monitor's share therefore settles at or below ``share`` as long as
-    its mandatory work alone costs less.
+    runs when ``spent + elapsed + planned + cost ≤ share × trained``, where ``spent`` is the monitor's time
+    in earlier evaluations, ``elapsed`` the time of the current one so far, ``planned`` the cost of the parts
+    already accepted for it and ``cost`` the part's last measured cost (before its first run, the caller's
+    estimate; a part with neither runs, to be measured). Over a long fit the monitor's share therefore
+    settles at or below ``share`` as long as its mandatory work alone costs less.
 
     Args:
         share: Largest share of training wall time the optional parts may bring the monitor to, or
@@ -87,15 +87,23 @@ class CostBudget:
             self.spent += now - self._started
         self._started, self._mark = None, now
 
-    def plan(self, parts: Sequence[str]) -> list[str]:
-        """The parts, in the order given, that fit the budget at this point of the current evaluation."""
+    def plan(self, parts: Sequence[str], estimates: Mapping[str, float] | None = None) -> list[str]:
+        """The parts, in the order given, that fit the budget at this point of the current evaluation.
+
+        Args:
+            parts: Names of the optional parts due now.
+            estimates: Expected seconds of parts never measured yet.
+
+        Returns:
+            The parts to run, a sub-sequence of ``parts``.
+        """
         if self.share is None:
             return list(parts)
         elapsed = 0.0 if self._started is None else self._clock() - self._started
         allowance = self.share * self.trained - self.spent - elapsed
         chosen, planned = [], 0.0
         for part in parts:
-            cost = self.costs.get(part)
+            cost = self.costs.get(part, (estimates or {}).get(part))
             if cost is None or planned + cost <= allowance:
                 chosen.append(part)
                 planned += cost or 0.0

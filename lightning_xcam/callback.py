@@ -92,8 +92,9 @@ class ExplanationMonitor(Callback):
     are the optional part. A metric runs when the monitor's total wall time, with that metric's last
     measured cost added, stays within ``max_overhead`` of the fit's training time so far (everything
     outside the monitor: steps, validation, checkpoints); otherwise it is deferred to a later evaluation
-    (an info line says so, and its scalar is absent at that epoch). Every metric runs at the first
-    evaluation. ``xcam/overhead`` logs the share reached. With ``max_overhead=None`` every metric runs at
+    (an info line says so, and its scalar is absent at that epoch). Before its first run a metric's cost
+    is estimated as its forward passes (above) times the time of the evaluation's prediction pass over
+    the probe. ``xcam/overhead`` logs the share reached. With ``max_overhead=None`` every metric runs at
     every evaluation: use that when an ``EarlyStopping`` or ``ModelCheckpoint`` monitors an ``xcam``
     score, or when epochs are so short that the budget would defer most scores.
 
@@ -366,7 +367,9 @@ class ExplanationMonitor(Callback):
         self._last_run_epoch = epoch
         evaluation = len(self.history)
         minimal = bool(trainer.fast_dev_run)
+        predicted = time.perf_counter()
         self._data.predict_targets(pl_module, self.batch_size)
+        seconds_per_forward = (time.perf_counter() - predicted) / self._data.x.shape[0]
         data = self._data.shard(trainer, pl_module, limit=2 if minimal else None)
         per_sample: dict[str, dict[str, Tensor]] = {}
         maps_by_method: dict[str, Tensor] = {}
@@ -382,7 +385,7 @@ class ExplanationMonitor(Callback):
             replicates = self._explain({m: explainers[m] for m in stochastic}, data.x[rows], data.targets[rows],
                                        data.ids[rows], stream=1)
         rank_zero_info(f"xcam: explained in {time.perf_counter() - started:.1f} s")
-        scores = self._plan_scores(trainer, evaluation, minimal)
+        scores = self._plan_scores(trainer, evaluation, minimal, data.x.shape[0] * seconds_per_forward)
         costs = dict.fromkeys(scores, 0.0)
         for position, method in enumerate(self.methods, start=1):
             method_started = time.perf_counter()
@@ -477,17 +480,30 @@ class ExplanationMonitor(Callback):
             return GradCAM(pl_module, layer, batch_size=self.batch_size)
         return IntegratedGradCAM(pl_module, layer, steps=self.n_samples, batch_size=self.batch_size)
 
-    def _plan_scores(self, trainer: pl.Trainer, evaluation: int, minimal: bool) -> list[str]:
+    def _plan_scores(self, trainer: pl.Trainer, evaluation: int, minimal: bool, probe_pass: float) -> list[str]:
         """The metrics this evaluation computes: max-sensitivity on every ``sensitivity_every``-th, and then
-        those that fit ``max_overhead`` (decided on rank 0, so every rank scores the same)."""
+        those that fit ``max_overhead`` (decided on rank 0, so every rank scores the same). A metric not run
+        yet is estimated at its forward passes over this rank's probe items, ``probe_pass`` seconds each."""
         due = [m for m in self.metrics if m != "max_sensitivity" or evaluation % self.sensitivity_every == 0]
-        planned = due if minimal else self.budget.plan(due)
+        estimates = {m: probe_pass * self._probe_passes(m) for m in due}
+        planned = due if minimal else self.budget.plan(due, estimates)
         planned = trainer.strategy.broadcast(planned, src=0)
         deferred = [m for m in due if m not in planned]
         if deferred:
             rank_zero_info(f"xcam: deferring {', '.join(deferred)} to keep the monitor within max_overhead="
                            f"{self.max_overhead:g} of training time (now {self.budget.overhead:.1%})")
         return planned
+
+    def _probe_passes(self, metric: str) -> int:
+        """Forward passes over the probe that ``metric`` makes, summed over the methods (cost docstring)."""
+        explanation = {"gradcam": 1, "integrated_gradcam": self.n_samples}
+        passes = {
+            "insertion": self.steps + 1, "deletion": self.steps + 1, "infidelity": self.n_perturb + 1,
+            "average_drop": 1, "sparseness": 0, "entropy": 0,
+        }
+        if metric == "max_sensitivity":  # six explanations: the clean one and five perturbed copies
+            return sum(6 * explanation.get(m, self.n_samples + 1) for m in self.methods)
+        return passes[metric] * len(self.methods)
 
     def _scores(
         self, names: Sequence[str], costs: dict[str, float], explainer: Any, pl_module: pl.LightningModule,
@@ -717,8 +733,8 @@ class _ProbeData:
     def predict_targets(self, pl_module: pl.LightningModule, batch_size: int | None) -> None:
         """Set the explained classes to the model's current predictions (once per evaluation, §1.2)."""
         chunks = self.x.split(batch_size or self.x.shape[0])
-        with explanation_context(pl_module):
-            logits = torch.cat([pl_module(fresh_input(chunk, pl_module.device)).detach().cpu() for chunk in chunks])
+        with explanation_context(pl_module), torch.no_grad():
+            logits = torch.cat([pl_module(fresh_input(chunk, pl_module.device)).cpu() for chunk in chunks])
         self.targets = logits.argmax(1)
 
     def shard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, limit: int | None = None) -> _Shard:

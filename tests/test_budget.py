@@ -51,6 +51,17 @@ def test_plan_runs_unmeasured_parts_then_what_fits_in_order() -> None:
     assert budget.plan(["b", "c"]) == ["b"]
 
 
+def test_estimates_stand_in_until_a_part_is_measured() -> None:
+    clock = FakeClock()
+    budget = CostBudget(0.1, clock=clock)
+    budget.resume_training()
+    clock.now = 100.0
+    budget.begin()  # allowance 10 s
+    assert budget.plan(["a", "b", "c"], estimates={"a": 6.0, "b": 6.0}) == ["a", "c"]  # c: no estimate, runs
+    budget.record("b", 1.0)
+    assert budget.plan(["a", "b"], estimates={"a": 6.0, "b": 6.0}) == ["a", "b"]  # b's measurement wins
+
+
 def test_no_share_runs_everything() -> None:
     budget = CostBudget(None, clock=FakeClock())
     budget.record("a", 1e9)

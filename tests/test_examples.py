@@ -230,7 +230,7 @@ def test_cifar10_example_fits_on_the_standin(cifar10: ModuleType, tmp_path: Path
         "--data-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "runs"), "--width", "8",
         "--accelerator", "cpu", "--max-epochs", "1", "--batch-size", "8", "--num-workers", "0",
         "--every-n-epochs", "1", "--methods", "gradcam", "expected_gradcam", "--metrics", "insertion", "deletion",
-        "--num-probe", "4", "--n-samples", "2", "--log-images", "1",
+        "--num-probe", "4", "--n-samples", "2", "--log-images", "1", "--max-overhead", "none",
     ])
     assert [h["epoch"] for h in monitor.history] == [0]
     assert trainer.global_step == 5 * PER_BATCH // 8  # every training batch of the stand-in was used
