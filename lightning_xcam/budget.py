@@ -23,11 +23,13 @@ class CostBudget:
 
     Call :meth:`resume_training` when training (re)starts, :meth:`begin` and :meth:`end` around each
     evaluation, and :meth:`plan` inside it; :meth:`record` the measured cost of every part that ran. A part
-    runs when ``spent + elapsed + planned + cost ≤ share × trained``, where ``spent`` is the monitor's time
+    fits when ``spent + elapsed + planned + cost ≤ share × trained``, where ``spent`` is the monitor's time
     in earlier evaluations, ``elapsed`` the time of the current one so far, ``planned`` the cost of the parts
     already accepted for it and ``cost`` the part's last measured cost (before its first run, the caller's
-    estimate; a part with neither runs, to be measured). Over a long fit the monitor's share therefore
-    settles at or below ``share`` as long as its mandatory work alone costs less.
+    estimate; a part with neither runs, to be measured). Parts take turns: the one that waited longest
+    comes first and the plan stops at the first that does not fit, so cheap parts never starve a dear one
+    (the allowance builds up until it fits). Over a long fit the monitor's share therefore settles at or
+    below ``share`` as long as its mandatory work alone costs less.
 
     Args:
         share: Largest share of training wall time the optional parts may bring the monitor to, or
@@ -58,6 +60,8 @@ class CostBudget:
         self.trained = 0.0
         self.spent = 0.0
         self.costs: dict[str, float] = {}
+        self.evaluations = 0
+        self.last_run: dict[str, int] = {}
         self._clock = clock
         self._mark: float | None = None
         self._started: float | None = None
@@ -79,6 +83,7 @@ class CostBudget:
         if self._mark is not None:
             self.trained += now - self._mark
         self._started = now
+        self.evaluations += 1
 
     def end(self) -> None:
         """The evaluation ends now: its time is the monitor's, and training resumes."""
@@ -88,37 +93,42 @@ class CostBudget:
         self._started, self._mark = None, now
 
     def plan(self, parts: Sequence[str], estimates: Mapping[str, float] | None = None) -> list[str]:
-        """The parts, in the order given, that fit the budget at this point of the current evaluation.
+        """The parts to run now: in turn (longest-waiting first, then the order given) while they fit.
 
         Args:
-            parts: Names of the optional parts due now.
+            parts: Names of the optional parts due now, in priority order.
             estimates: Expected seconds of parts never measured yet.
 
         Returns:
-            The parts to run, a sub-sequence of ``parts``.
+            The parts to run, in the order given.
         """
         if self.share is None:
             return list(parts)
         elapsed = 0.0 if self._started is None else self._clock() - self._started
         allowance = self.share * self.trained - self.spent - elapsed
-        chosen, planned = [], 0.0
-        for part in parts:
+        chosen, planned = set(), 0.0
+        for part in sorted(parts, key=lambda p: self.last_run.get(p, -1)):
             cost = self.costs.get(part, (estimates or {}).get(part))
-            if cost is None or planned + cost <= allowance:
-                chosen.append(part)
-                planned += cost or 0.0
-        return chosen
+            if cost is not None and planned + cost > allowance:
+                break
+            chosen.add(part)
+            planned += cost or 0.0
+        return [part for part in parts if part in chosen]
 
     def record(self, part: str, seconds: float) -> None:
-        """The measured cost of ``part`` at this evaluation (its estimate for the next ones)."""
+        """The measured cost of ``part``, which ran at this evaluation (its estimate for the next ones)."""
         self.costs[part] = float(seconds)
+        self.last_run[part] = self.evaluations
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-typed state for a checkpoint (the clock marks are not kept: a resumed fit restarts them)."""
-        return {"trained": self.trained, "spent": self.spent, "costs": dict(self.costs)}
+        return {"trained": self.trained, "spent": self.spent, "costs": dict(self.costs),
+                "evaluations": self.evaluations, "last_run": dict(self.last_run)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s totals and costs."""
         self.trained = float(state["trained"])
         self.spent = float(state["spent"])
         self.costs = {str(k): float(v) for k, v in state["costs"].items()}
+        self.evaluations = int(state["evaluations"])
+        self.last_run = {str(k): int(v) for k, v in state["last_run"].items()}

@@ -33,22 +33,41 @@ def test_training_and_evaluation_time_alternate() -> None:
     assert budget.overhead == pytest.approx(10 / 150)
 
 
-def test_plan_runs_unmeasured_parts_then_what_fits_in_order() -> None:
+def test_plan_runs_unmeasured_parts_then_takes_turns_while_they_fit() -> None:
     clock = FakeClock()
     budget = CostBudget(0.1, clock=clock)
     budget.resume_training()
     clock.now = 100.0
     budget.begin()
-    assert budget.plan(["a", "b", "c"]) == ["a", "b", "c"]  # nothing measured yet
+    assert budget.plan(["a", "b", "c"]) == ["a", "b", "c"]  # nothing measured yet: all run, to be measured
     budget.record("a", 4.0)
-    budget.record("b", 5.0)
     budget.record("c", 1.0)
     clock.now = 103.0  # 3 s into the evaluation: allowance 0.1·100 − 0 − 3 = 7 s
-    assert budget.plan(["a", "b", "c"]) == ["a", "c"]  # b would make 9 s; c still fits after a
-    assert budget.plan(["b", "a"]) == ["b"]
-    budget.end()  # spent 3 s: allowance 0.1·100 − 3 = 7 s
-    budget.record("c", 8.0)
-    assert budget.plan(["b", "c"]) == ["b"]
+    assert budget.plan(["a", "c"]) == ["a", "c"]  # 5 s
+    budget.record("b", 5.0)
+    assert budget.plan(["a", "b", "c"]) == ["a"]  # b would make 9 s, and c may not jump the queue
+    budget.end()
+
+
+def test_a_dear_part_is_not_starved_by_cheap_ones() -> None:
+    # 1 s of allowance per 10 s of training; "cheap" alone could eat all of it at every evaluation
+    clock = FakeClock()
+    budget = CostBudget(0.1, clock=clock)
+    budget.record("cheap", 1.0)
+    budget.record("dear", 3.0)
+    budget.resume_training()
+    runs = []
+    for _ in range(12):
+        clock.now += 10.0
+        budget.begin()
+        plan = budget.plan(["cheap", "dear"])
+        for part in plan:
+            clock.now += budget.costs[part]
+            budget.record(part, budget.costs[part])
+        runs.append(plan)
+        budget.end()
+    assert sum("dear" in plan for plan in runs) >= 2 and sum("cheap" in plan for plan in runs) >= 2
+    assert budget.spent <= 0.1 * budget.trained
 
 
 def test_estimates_stand_in_until_a_part_is_measured() -> None:
@@ -57,7 +76,7 @@ def test_estimates_stand_in_until_a_part_is_measured() -> None:
     budget.resume_training()
     clock.now = 100.0
     budget.begin()  # allowance 10 s
-    assert budget.plan(["a", "b", "c"], estimates={"a": 6.0, "b": 6.0}) == ["a", "c"]  # c: no estimate, runs
+    assert budget.plan(["a", "c", "b"], estimates={"a": 6.0, "b": 6.0}) == ["a", "c"]  # c: no estimate, runs
     budget.record("b", 1.0)
     assert budget.plan(["a", "b"], estimates={"a": 6.0, "b": 6.0}) == ["a", "b"]  # b's measurement wins
 
@@ -85,7 +104,8 @@ def test_state_round_trip_keeps_totals_and_costs() -> None:
     budget.record("insertion", 0.5)
     restored = CostBudget(0.02, clock=itertools.count().__next__)
     restored.load_state_dict(budget.state_dict())
-    assert restored.state_dict() == {"trained": 10.0, "spent": 1.0, "costs": {"insertion": 0.5}}
+    assert restored.state_dict() == {"trained": 10.0, "spent": 1.0, "costs": {"insertion": 0.5},
+                                     "evaluations": 1, "last_run": {"insertion": 1}}
 
 
 def test_docstring_example() -> None:
