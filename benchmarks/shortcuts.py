@@ -246,7 +246,7 @@ def _settings() -> str:
     """The shipped rule and check settings the runs used (read from the code, not restated)."""
     rule = WarningRule()
     checks = {name: p.default for name, p in inspect.signature(observe).parameters.items()
-              if p.default is not inspect.Parameter.empty and name in ("top_fraction", "n_recipients")}
+              if p.default is not inspect.Parameter.empty and name in ("top_fraction", "n_recipients", "n_random")}
     return (f"Settings: WarningRule(confirm_z={rule.confirm_z:g}, min_drop={rule.min_drop:g}, "
             f"min_rise={rule.min_rise:g}, patience={rule.patience}); observe({', '.join(f'{k}={v}' for k, v in checks.items())}); "
             "an alert needs necessity (fill) or sufficiency (transplant) confirmed.")

@@ -531,12 +531,14 @@ def test_observe_reports_the_paired_reliance_of_the_top_region_per_class() -> No
     maps[4:, 3, 3] += 2.0  # the last four point elsewhere
     targets = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     ids = torch.arange(10, 18)
-    obs = observe(model, x, maps, targets, ids, generator=torch.Generator().manual_seed(0), min_cluster_maps=64)
+    obs = observe(model, x, maps, targets, ids, generator=torch.Generator().manual_seed(0), min_cluster_maps=64,
+                  n_recipients=2, n_random=4)
     assert [(o.kind, o.class_index) for o in obs] == [
         ("border", None), ("intervention", None), ("border", 0), ("intervention", 0), ("border", 1),
         ("intervention", 1),
     ]  # no cluster observation below min_cluster_maps
-    ref = region_reliance(model, x, top_region(maps, 0.05, (16, 16)), targets, generator=torch.Generator().manual_seed(0))
+    ref = region_reliance(model, x, top_region(maps, 0.05, (16, 16)), targets, n_random=4,
+                          generator=torch.Generator().manual_seed(0))
     gap = (ref.drop_region - ref.drop_random.mean(dim=1)).double()
     for o in obs[1::2]:
         rows = slice(None) if o.class_index is None else targets == o.class_index
@@ -546,8 +548,9 @@ def test_observe_reports_the_paired_reliance_of_the_top_region_per_class() -> No
         assert o.drop_random == pytest.approx(float(ref.drop_random[rows].mean()))
     # The transplant check: the same top regions pasted into other-class items, pooled like the drops.
     gen = torch.Generator().manual_seed(0)
-    region_reliance(model, x, top_region(maps, 0.05, (16, 16)), targets, generator=gen)  # same draws as observe
-    moved = region_sufficiency(model, x, top_region(maps, 0.05, (16, 16)), targets, generator=gen)
+    region_reliance(model, x, top_region(maps, 0.05, (16, 16)), targets, n_random=4, generator=gen)  # observe's draws
+    moved = region_sufficiency(model, x, top_region(maps, 0.05, (16, 16)), targets, n_recipients=2, n_random=4,
+                               generator=gen)
     rises = (moved.rise_region - moved.rise_random.mean(dim=1)).double()
     for o in obs[1::2]:
         rows = slice(None) if o.class_index is None else targets == o.class_index
