@@ -84,9 +84,9 @@ class ExplanationMonitor(Callback):
     its supports (one forward pass over the fit set, then steps on cached activations). GAD explains the
     original model with the monitor's Expected Grad-CAM on the way, so the two methods together cost one
     pass;
-    insertion + deletion ``2·(steps + 1)·P`` forwards; infidelity ``(n_perturb + 1)·P``; max-sensitivity
-    six explanations of the ``P`` items (clean, and five perturbed copies), so it runs only on every
-    ``sensitivity_every``-th evaluation.
+    insertion + deletion ``2·(steps + 1)·P`` forwards per method; infidelity ``(n_perturb + 1)·P`` for all
+    methods together (they share the perturbations); max-sensitivity six explanations of the ``P`` items
+    (clean, and five perturbed copies).
 
     **Cost budget.** Explanations, drift and the shortcut checks run at every due evaluation; the metrics
     are the optional part. A metric runs when the monitor's total wall time, with that metric's last
@@ -94,8 +94,10 @@ class ExplanationMonitor(Callback):
     outside the monitor: steps, validation, checkpoints); otherwise it is deferred to a later evaluation
     (an info line says so, and its scalar is absent at that epoch). Before its first run a metric's cost
     is estimated as its forward passes (above) times the time of the evaluation's prediction pass over
-    the probe. ``xcam/overhead`` logs the share reached. With ``max_overhead=None`` every metric runs at
-    every evaluation: use that when an ``EarlyStopping`` or ``ModelCheckpoint`` monitors an ``xcam``
+    the probe. The metrics take turns (the longest-waiting first; the queue waits at the first that does
+    not fit, so the dearest, max-sensitivity, still gets its turn). ``xcam/overhead`` logs the share
+    reached. With ``max_overhead=None`` every metric runs at every evaluation (max-sensitivity at every
+    ``sensitivity_every``-th): use that when an ``EarlyStopping`` or ``ModelCheckpoint`` monitors an ``xcam``
     score, or when epochs are so short that the budget would defer most scores.
 
     Args:
@@ -117,7 +119,8 @@ class ExplanationMonitor(Callback):
         num_references: Reference images drawn from the training data (disjoint from the probe).
         num_fit: GAD fit-set size drawn from the training data (disjoint from the probe).
         floor_size: Probe items re-explained on a second random stream to measure the noise floor.
-        sensitivity_every: Max-sensitivity runs on every this-many-th evaluation (it is the dearest metric).
+        sensitivity_every: With ``max_overhead=None``, max-sensitivity (the dearest metric) runs on every
+            this-many-th evaluation only; under a budget it takes its turn with the other metrics.
         steps: Insertion/deletion steps.
         n_perturb: Infidelity perturbations per item.
         batch_size: Most inputs per forward pass inside the monitor (memory budget).
@@ -386,11 +389,9 @@ class ExplanationMonitor(Callback):
                                        data.ids[rows], stream=1)
         rank_zero_info(f"xcam: explained in {time.perf_counter() - started:.1f} s")
         scores = self._plan_scores(trainer, evaluation, minimal, data.x.shape[0] * seconds_per_forward)
-        costs = dict.fromkeys(scores, 0.0)
-        for position, method in enumerate(self.methods, start=1):
-            method_started = time.perf_counter()
-            maps = all_maps[method]
-            values = self._scores(scores, costs, explainers[method], pl_module, data, maps, minimal)
+        values_by_method = self._scores(scores, explainers, pl_module, data, all_maps, minimal)
+        for method in self.methods:
+            maps, values = all_maps[method], values_by_method[method]
             if method in replicates:
                 replicate = torch.zeros_like(maps)
                 replicate[: data.floor] = replicates[method]
@@ -402,8 +403,6 @@ class ExplanationMonitor(Callback):
                 flag = gathered.pop("floor_flag").bool()
                 floors[method] = (gathered.pop("floor_maps"), flag)
             per_sample[method] = gathered
-            rank_zero_info(f"xcam: [{position}/{len(self.methods)}] {method}: scored in "
-                           f"{time.perf_counter() - method_started:.1f} s")
         summaries, drift_rows, small_maps = self._drift(maps_by_method, floors, self._data.ids[: data.total])
         for method, values in per_sample.items():
             for name, value in values.items():
@@ -412,8 +411,6 @@ class ExplanationMonitor(Callback):
                     summaries[f"xcam/{method}/{name}"] = float(finite.mean())
             summaries[f"xcam/{method}/degenerate"] = float(degenerate(maps_by_method[method]).sum())
         new_alerts = self._check_shortcuts(pl_module, epoch, data.total, maps_by_method, floors)
-        for name, seconds in costs.items():
-            self.budget.record(name, seconds)
         summaries["xcam/alert"] = float(bool(new_alerts))
         summaries["xcam/overhead"] = self.budget.overhead
         summaries["xcam/time_s"] = time.perf_counter() - started
@@ -481,13 +478,15 @@ class ExplanationMonitor(Callback):
         return IntegratedGradCAM(pl_module, layer, steps=self.n_samples, batch_size=self.batch_size)
 
     def _plan_scores(self, trainer: pl.Trainer, evaluation: int, minimal: bool, probe_pass: float) -> list[str]:
-        """The metrics this evaluation computes: max-sensitivity on every ``sensitivity_every``-th, and then
-        those that fit ``max_overhead`` (decided on rank 0, so every rank scores the same). A metric not run
-        yet is estimated at its forward passes over this rank's probe items, ``probe_pass`` seconds each."""
-        due = [m for m in self.metrics if m != "max_sensitivity" or evaluation % self.sensitivity_every == 0]
+        """The metrics this evaluation computes: without a budget every one, max-sensitivity only on every
+        ``sensitivity_every``-th; under ``max_overhead`` those whose turn it is and that fit (decided on rank
+        0, so every rank scores the same). A metric not run yet is estimated at its forward passes over this
+        rank's probe items, ``probe_pass`` seconds each."""
+        if self.max_overhead is None or minimal:
+            return [m for m in self.metrics if m != "max_sensitivity" or evaluation % self.sensitivity_every == 0]
+        due = list(self.metrics)
         estimates = {m: probe_pass * self._probe_passes(m) for m in due}
-        planned = due if minimal else self.budget.plan(due, estimates)
-        planned = trainer.strategy.broadcast(planned, src=0)
+        planned = trainer.strategy.broadcast(self.budget.plan(due, estimates), src=0)
         deferred = [m for m in due if m not in planned]
         if deferred:
             rank_zero_info(f"xcam: deferring {', '.join(deferred)} to keep the monitor within max_overhead="
@@ -498,45 +497,52 @@ class ExplanationMonitor(Callback):
         """Forward passes over the probe that ``metric`` makes, summed over the methods (cost docstring)."""
         explanation = {"gradcam": 1, "integrated_gradcam": self.n_samples}
         passes = {
-            "insertion": self.steps + 1, "deletion": self.steps + 1, "infidelity": self.n_perturb + 1,
-            "average_drop": 1, "sparseness": 0, "entropy": 0,
+            "insertion": self.steps + 1, "deletion": self.steps + 1, "average_drop": 1, "sparseness": 0, "entropy": 0,
         }
         if metric == "max_sensitivity":  # six explanations: the clean one and five perturbed copies
             return sum(6 * explanation.get(m, self.n_samples + 1) for m in self.methods)
+        if metric == "infidelity":  # one perturbation set serves every method
+            return self.n_perturb + 1
         return passes[metric] * len(self.methods)
 
     def _scores(
-        self, names: Sequence[str], costs: dict[str, float], explainer: Any, pl_module: pl.LightningModule,
-        data: _Shard, maps: Tensor, minimal: bool,
-    ) -> dict[str, Tensor]:
-        """Per-sample values of the metrics ``names`` for one method; adds each metric's seconds to ``costs``."""
-        model, x, c, ids = pl_module, data.x, data.targets, data.ids
+        self, names: Sequence[str], explainers: dict[str, Any], pl_module: pl.LightningModule, data: _Shard,
+        maps_by_method: dict[str, Tensor], minimal: bool,
+    ) -> dict[str, dict[str, Tensor]]:
+        """Per-sample values of the metrics ``names`` for every method; records each metric's cost."""
+        model, x, c, ids, batch = pl_module, data.x, data.targets, data.ids, self.batch_size
         steps = 4 if minimal else self.steps
-        values: dict[str, Tensor] = {}
+        values: dict[str, dict[str, Tensor]] = {method: {} for method in maps_by_method}
         for name in names:
             started = time.perf_counter()
-            if name == "insertion":
-                values["insertion_auc"] = xm.insertion_auc(model, x, maps, c, steps=steps, max_batch=self.batch_size)
-            elif name == "deletion":
-                values["deletion_auc"] = xm.deletion_auc(model, x, maps, c, steps=steps, max_batch=self.batch_size)
-            elif name == "infidelity":
-                values["infidelity"] = xm.infidelity(model, x, maps, c, n_perturb=self.n_perturb, seed=self.seed,
-                                                     sample_ids=ids, max_batch=self.batch_size)
-            elif name == "max_sensitivity":
-                values["max_sensitivity"] = xm.max_sensitivity(
-                    explainer, x, c, n_samples=2 if minimal else 5, seed=self.seed, sample_ids=ids,
-                    model=model, max_batch=self.batch_size,
-                )
-            elif name == "average_drop":
-                values["average_drop"] = xm.average_drop(model, x, maps, c, max_batch=self.batch_size)
-            elif name == "sparseness":
-                values["sparseness"] = xm.sparseness(maps)
-            else:
-                values["entropy"] = xm.entropy(maps, normalized=True)
-            costs[name] += time.perf_counter() - started
-        if "insertion_auc" in values and "deletion_auc" in values:
-            values["insertion_minus_deletion"] = values["insertion_auc"] - values["deletion_auc"]
-        return {k: v.detach().float() for k, v in values.items()}
+            if name == "infidelity":  # one perturbation set for every method: its forwards are the dear part
+                shared = xm.infidelity(model, x, list(maps_by_method.values()), c, n_perturb=self.n_perturb,
+                                       seed=self.seed, sample_ids=ids, max_batch=batch)
+                for method, value in zip(maps_by_method, shared):
+                    values[method]["infidelity"] = value
+            for method, maps in maps_by_method.items():
+                if name == "insertion":
+                    values[method]["insertion_auc"] = xm.insertion_auc(model, x, maps, c, steps=steps, max_batch=batch)
+                elif name == "deletion":
+                    values[method]["deletion_auc"] = xm.deletion_auc(model, x, maps, c, steps=steps, max_batch=batch)
+                elif name == "max_sensitivity":
+                    values[method]["max_sensitivity"] = xm.max_sensitivity(
+                        explainers[method], x, c, n_samples=2 if minimal else 5, seed=self.seed, sample_ids=ids,
+                        model=model, max_batch=batch,
+                    )
+                elif name == "average_drop":
+                    values[method]["average_drop"] = xm.average_drop(model, x, maps, c, max_batch=batch)
+                elif name == "sparseness":
+                    values[method]["sparseness"] = xm.sparseness(maps)
+                elif name == "entropy":
+                    values[method]["entropy"] = xm.entropy(maps, normalized=True)
+            self.budget.record(name, time.perf_counter() - started)
+        for scores in values.values():
+            if "insertion_auc" in scores and "deletion_auc" in scores:
+                scores["insertion_minus_deletion"] = scores["insertion_auc"] - scores["deletion_auc"]
+        if names:
+            rank_zero_info(f"xcam: scored {', '.join(names)}")
+        return {method: {k: v.detach().float() for k, v in scores.items()} for method, scores in values.items()}
 
     def _drift(
         self, maps_by_method: dict[str, Tensor], floors: dict[str, tuple[Tensor, Tensor]], ids: Tensor

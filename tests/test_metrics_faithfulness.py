@@ -282,6 +282,27 @@ def test_infidelity_of_a_zero_map_is_the_mean_squared_output_change(digits, shar
     assert torch.allclose(values, (change**2).view(3, 5).mean(1), rtol=1e-4)
 
 
+def test_infidelity_of_several_maps_shares_the_perturbations_and_equals_each_alone(digits, sharp_cnn) -> None:
+    x, targets = digits[0][:4], torch.tensor([1, 2, 3, 4])
+    layer_maps, input_maps, zero = torch.rand(4, 8, 8), torch.rand(4, 1, 32, 32), torch.zeros(4, 8, 8)
+    calls = []
+    counter = sharp_cnn.register_forward_pre_hook(lambda _module, inputs: calls.append(inputs[0].shape[0]))
+    both = infidelity(sharp_cnn, x, [layer_maps, input_maps, zero], targets, n_perturb=6, seed=2, return_valid=True)
+    counter.remove()
+    assert sum(calls) == 4 + 4 * 6  # one clean pass and one perturbation set for all three maps
+    for maps, (values, valid) in zip((layer_maps, input_maps, zero), both):
+        alone, alone_valid = infidelity(sharp_cnn, x, maps, targets, n_perturb=6, seed=2, return_valid=True)
+        assert torch.equal(values, alone) and torch.equal(valid, alone_valid)
+
+
+def test_infidelity_rejects_an_empty_list_and_names_the_bad_map(digits, sharp_cnn) -> None:
+    x = digits[0][:2]
+    with pytest.raises(ValueError, match="non-empty list"):
+        infidelity(sharp_cnn, x, [])
+    with pytest.raises(ValueError, match=r"maps\[1\]"):
+        infidelity(sharp_cnn, x, [torch.rand(2, 8, 8), torch.rand(3, 8, 8)])
+
+
 # --- average drop / increase -------------------------------------------------------------------------------
 
 

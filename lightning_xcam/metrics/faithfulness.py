@@ -9,13 +9,13 @@ floating-point effects of batch size inside the model).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from lightning_xcam._checks import Targets
-from lightning_xcam.maps import degenerate, display_normalize
+from lightning_xcam._checks import Targets, check_maps
+from lightning_xcam.maps import degenerate, display_normalize, upsample
 from lightning_xcam.methods._guard import explanation_context
 from lightning_xcam.metrics._common import (
     Clean,
@@ -186,7 +186,7 @@ def _unwrap(value: object, name: str) -> Tensor:
 def infidelity(
     model: nn.Module,
     x: Tensor,
-    maps: Tensor,
+    maps: Tensor | Sequence[Tensor],
     targets: Targets = None,
     n_perturb: int = 10,
     perturb_fn: PerturbFn | None = None,
@@ -197,7 +197,7 @@ def infidelity(
     sample_ids: Tensor | None = None,
     max_batch: int | None = DEFAULT_MAX_BATCH,
     return_valid: bool = False,
-) -> Result:
+) -> Result | list[Result]:
     """Infidelity of Yeh et al., as Captum computes it, on the target logit (lower is better).
 
     ``INFD = mean_n (β a_n − b_n)²`` with ``a_n = Σ φ ⊙ I_n`` (the upsampled map ``φ`` broadcast over
@@ -212,10 +212,14 @@ def infidelity(
     (perturbations, perturbed_inputs)`` is called as Captum calls it: on inputs repeated ``n_perturb``
     times with ``repeat_interleave``, whole items per call (all of them when ``max_batch`` is ``None``).
 
+    Several explanations of the same images (a list of maps, e.g. one per method) share the perturbations
+    and their forward passes, which are the dear part: each gets exactly the value it gets alone.
+
     Args:
         model: Classifier returning ``[B, K]`` scores.
         x: ``[B, C, H, W]`` images in model-input space.
-        maps: ``[B, h, w]`` maps at layer or input resolution (signed values allowed).
+        maps: ``[B, h, w]`` maps at layer or input resolution (signed values allowed), or a non-empty
+            list of them.
         targets: ``None`` (argmax on ``x``), an int or ``LongTensor [B]``.
         n_perturb: Perturbations per image.
         perturb_fn: Captum-style perturbation function; ``None`` uses the Gaussian default.
@@ -228,7 +232,7 @@ def infidelity(
         return_valid: Also return ``BoolTensor [B]``, ``False`` for all-zero maps.
 
     Returns:
-        ``[B]`` infidelities (and the validity mask).
+        ``[B]`` infidelities (and the validity mask); a list of them for a list of maps.
 
     Raises:
         TypeError / ValueError: On bad arguments or a ``perturb_fn`` returning wrong shapes.
@@ -237,6 +241,9 @@ def infidelity(
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
         >>> infidelity(net, torch.randn(2, 1, 4, 4), torch.rand(2, 4, 4), n_perturb=5).shape
         torch.Size([2])
+        >>> x, a, b = torch.randn(2, 1, 4, 4), torch.rand(2, 4, 4), torch.rand(2, 2, 2)
+        >>> [v.shape for v in infidelity(net, x, [a, b], n_perturb=5)]  # one perturbation set, two values
+        [torch.Size([2]), torch.Size([2])]
     """
     check_positive_int(n_perturb, "n_perturb")
     check_max_batch(max_batch)
@@ -245,15 +252,24 @@ def infidelity(
             "`perturb_fn` must be callable (inputs -> (perturbations, perturbed_inputs)), "
             f"got {type(perturb_fn).__name__}."
         )
+    several = not isinstance(maps, Tensor)
+    map_list = list(maps) if several else [maps]  # type: ignore[arg-type]
+    if not map_list:
+        raise ValueError("`maps` must be a [B, h, w] tensor or a non-empty list of them, got an empty list.")
     with explanation_context(model):
-        clean = clean_pass(model, x, maps, targets, nonnegative=False)
+        clean = clean_pass(model, x, map_list[0], targets, nonnegative=False)
         batch = clean.x.shape[0]
         ids = check_sample_ids(sample_ids, batch, clean.x.device)
-        phi = clean.maps.unsqueeze(1)
+        size = tuple(clean.x.shape[-2:])
+        phis = [clean.maps] + [
+            upsample(check_maps(m, x, f"maps[{k}]", nonnegative=False).to(clean.x.device), size)
+            for k, m in enumerate(map_list[1:], start=1)
+        ]
         clean_scores = clean.scores(softmax=False)
         item_shape = (n_perturb, *clean.x.shape[1:])
         items_per_call = batch if max_batch is None else max(1, max_batch // n_perturb)
-        a_parts, b_parts = [], []
+        a_parts: list[list[Tensor]] = [[] for _ in phis]
+        b_parts = []
         for first in range(0, batch, items_per_call):
             part = slice(first, min(first + items_per_call, batch))
             repeated = clean.x[part].repeat_interleave(n_perturb, dim=0)
@@ -276,19 +292,24 @@ def infidelity(
                         )
                 noise, perturbed = noise.to(repeated.device), perturbed.to(repeated.device)
             rows = repeated.shape[0]
-            a_parts.append((phi[part].repeat_interleave(n_perturb, dim=0) * noise.float()).flatten(1).sum(dim=1))
+            for phi, parts in zip(phis, a_parts):
+                weighted = phi[part].unsqueeze(1).repeat_interleave(n_perturb, dim=0) * noise.float()
+                parts.append(weighted.flatten(1).sum(dim=1))
             row_targets = clean.targets[part].repeat_interleave(n_perturb)
             build = lambda a, b, chunk=perturbed: chunk[a:b]  # noqa: E731
             perturbed_scores = chunked_scores(model, rows, build, row_targets, None, softmax=False)
             b_parts.append(clean_scores[part].repeat_interleave(n_perturb) - perturbed_scores)
-        a = torch.cat(a_parts).view(batch, n_perturb)
         b = torch.cat(b_parts).view(batch, n_perturb)
-        if normalize:
-            a_squared = (a * a).sum(dim=1)
-            beta = (a * b).sum(dim=1) / torch.where(a_squared == 0, torch.ones_like(a_squared), a_squared)
-            a = beta.unsqueeze(1) * a
-        values = ((a - b) ** 2).mean(dim=1)
-        return finish(values, clean.maps.flatten(1).abs().amax(dim=1) > 0, return_valid)
+        results = []
+        for phi, parts in zip(phis, a_parts):
+            a = torch.cat(parts).view(batch, n_perturb)
+            if normalize:
+                a_squared = (a * a).sum(dim=1)
+                beta = (a * b).sum(dim=1) / torch.where(a_squared == 0, torch.ones_like(a_squared), a_squared)
+                a = beta.unsqueeze(1) * a
+            values = ((a - b) ** 2).mean(dim=1)
+            results.append(finish(values, phi.flatten(1).abs().amax(dim=1) > 0, return_valid))
+        return results if several else results[0]
 
 
 def _confidence(
