@@ -92,12 +92,15 @@ class CostBudget:
             self.spent += now - self._started
         self._started, self._mark = None, now
 
-    def plan(self, parts: Sequence[str], estimates: Mapping[str, float] | None = None) -> list[str]:
+    def plan(
+        self, parts: Sequence[str], estimates: Mapping[str, float] | None = None, reserve: float = 0.0
+    ) -> list[str]:
         """The parts to run now: in turn (longest-waiting first, then the order given) while they fit.
 
         Args:
             parts: Names of the optional parts due now, in priority order.
             estimates: Expected seconds of parts never measured yet.
+            reserve: Seconds of mandatory work still to come in this evaluation.
 
         Returns:
             The parts to run, in the order given.
@@ -105,7 +108,7 @@ class CostBudget:
         if self.share is None:
             return list(parts)
         elapsed = 0.0 if self._started is None else self._clock() - self._started
-        allowance = self.share * self.trained - self.spent - elapsed
+        allowance = self.share * self.trained - self.spent - elapsed - reserve
         chosen, planned = set(), 0.0
         for part in sorted(parts, key=lambda p: self.last_run.get(p, -1)):
             cost = self.costs.get(part, (estimates or {}).get(part))

@@ -231,6 +231,7 @@ class ExplanationMonitor(Callback):
         self._last_run_epoch = -1
         self._store: ExplanationStore | None = None
         self._warned_images = False
+        self._after_scores = 0.0
 
     # ---------------------------------------------------------------------------------------------------
     # Lightning plumbing
@@ -390,6 +391,7 @@ class ExplanationMonitor(Callback):
         rank_zero_info(f"xcam: explained in {time.perf_counter() - started:.1f} s")
         scores = self._plan_scores(trainer, evaluation, minimal, data.x.shape[0] * seconds_per_forward)
         values_by_method = self._scores(scores, explainers, pl_module, data, all_maps, minimal)
+        scored = time.perf_counter()
         for method in self.methods:
             maps, values = all_maps[method], values_by_method[method]
             if method in replicates:
@@ -425,6 +427,7 @@ class ExplanationMonitor(Callback):
                     metrics=per_sample, drift=drift_rows, summaries=summaries, maps=small_maps, alerts=new_alerts,
                 )
         self.history.append({"epoch": epoch, "step": step, **summaries})
+        self._after_scores = time.perf_counter() - scored
         rank_zero_info(f"xcam: epoch {epoch} done in {summaries['xcam/time_s']:.1f} s, "
                        f"{len(new_alerts)} new shortcut alert(s)")
         self._maybe_stop(trainer, new_alerts)
@@ -486,7 +489,8 @@ class ExplanationMonitor(Callback):
             return [m for m in self.metrics if m != "max_sensitivity" or evaluation % self.sensitivity_every == 0]
         due = list(self.metrics)
         estimates = {m: probe_pass * self._probe_passes(m) for m in due}
-        planned = trainer.strategy.broadcast(self.budget.plan(due, estimates), src=0)
+        # the work after the scores (drift, shortcut checks, images, store) is reserved at its last duration
+        planned = trainer.strategy.broadcast(self.budget.plan(due, estimates, self._after_scores), src=0)
         deferred = [m for m in due if m not in planned]
         if deferred:
             rank_zero_info(f"xcam: deferring {', '.join(deferred)} to keep the monitor within max_overhead="

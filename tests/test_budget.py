@@ -81,6 +81,17 @@ def test_estimates_stand_in_until_a_part_is_measured() -> None:
     assert budget.plan(["a", "b"], estimates={"a": 6.0, "b": 6.0}) == ["a", "b"]  # b's measurement wins
 
 
+def test_reserve_keeps_room_for_mandatory_work_still_to_come() -> None:
+    clock = FakeClock()
+    budget = CostBudget(0.1, clock=clock)
+    budget.record("a", 4.0)
+    budget.resume_training()
+    clock.now = 100.0
+    budget.begin()  # allowance 10 s
+    assert budget.plan(["a"], reserve=6.0) == ["a"]
+    assert budget.plan(["a"], reserve=6.5) == []
+
+
 def test_no_share_runs_everything() -> None:
     budget = CostBudget(None, clock=FakeClock())
     budget.record("a", 1e9)
