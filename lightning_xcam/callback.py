@@ -380,7 +380,9 @@ class ExplanationMonitor(Callback):
         floors: dict[str, tuple[Tensor, Tensor]] = {}
         rank_zero_info(f"xcam: explaining {data.total} probe items at epoch {epoch} with {', '.join(self.methods)}")
         explainers = self._explainers_for(pl_module)
+        explaining = time.perf_counter()
         all_maps = self._explain(explainers, data.x, data.targets, data.ids)
+        explanation_pass = time.perf_counter() - explaining
         stochastic = [m for m in self.methods if m not in DETERMINISTIC_METHODS]
         replicates = {}
         if stochastic and data.floor:
@@ -389,7 +391,8 @@ class ExplanationMonitor(Callback):
             replicates = self._explain({m: explainers[m] for m in stochastic}, data.x[rows], data.targets[rows],
                                        data.ids[rows], stream=1)
         rank_zero_info(f"xcam: explained in {time.perf_counter() - started:.1f} s")
-        scores = self._plan_scores(trainer, evaluation, minimal, data.x.shape[0] * seconds_per_forward)
+        scores = self._plan_scores(trainer, evaluation, minimal, data.x.shape[0] * seconds_per_forward,
+                                   explanation_pass)
         values_by_method = self._scores(scores, explainers, pl_module, data, all_maps, minimal)
         scored = time.perf_counter()
         for method in self.methods:
@@ -480,15 +483,25 @@ class ExplanationMonitor(Callback):
             return GradCAM(pl_module, layer, batch_size=self.batch_size)
         return IntegratedGradCAM(pl_module, layer, steps=self.n_samples, batch_size=self.batch_size)
 
-    def _plan_scores(self, trainer: pl.Trainer, evaluation: int, minimal: bool, probe_pass: float) -> list[str]:
+    def _plan_scores(
+        self, trainer: pl.Trainer, evaluation: int, minimal: bool, probe_pass: float, explanation_pass: float
+    ) -> list[str]:
         """The metrics this evaluation computes: without a budget every one, max-sensitivity only on every
         ``sensitivity_every``-th; under ``max_overhead`` those whose turn it is and that fit (decided on rank
-        0, so every rank scores the same). A metric not run yet is estimated at its forward passes over this
-        rank's probe items, ``probe_pass`` seconds each."""
+        0, so every rank scores the same). A metric not run yet is estimated from this evaluation's own
+        timings: its forward passes over the probe at ``probe_pass`` seconds each, and for max-sensitivity
+        six explanations per method at ``explanation_pass`` seconds each (an upper estimate where methods
+        share a pass)."""
         if self.max_overhead is None or minimal:
             return [m for m in self.metrics if m != "max_sensitivity" or evaluation % self.sensitivity_every == 0]
         due = list(self.metrics)
-        estimates = {m: probe_pass * self._probe_passes(m) for m in due}
+        passes = {
+            "insertion": (self.steps + 1) * len(self.methods), "deletion": (self.steps + 1) * len(self.methods),
+            "infidelity": self.n_perturb + 1,  # one perturbation set serves every method
+            "average_drop": len(self.methods), "sparseness": 0, "entropy": 0,
+        }
+        estimates = {m: probe_pass * passes[m] for m in due if m != "max_sensitivity"}
+        estimates["max_sensitivity"] = 6 * len(self.methods) * explanation_pass
         # the work after the scores (drift, shortcut checks, images, store) is reserved at its last duration
         planned = trainer.strategy.broadcast(self.budget.plan(due, estimates, self._after_scores), src=0)
         deferred = [m for m in due if m not in planned]
@@ -496,18 +509,6 @@ class ExplanationMonitor(Callback):
             rank_zero_info(f"xcam: deferring {', '.join(deferred)} to keep the monitor within max_overhead="
                            f"{self.max_overhead:g} of training time (now {self.budget.overhead:.1%})")
         return planned
-
-    def _probe_passes(self, metric: str) -> int:
-        """Forward passes over the probe that ``metric`` makes, summed over the methods (cost docstring)."""
-        explanation = {"gradcam": 1, "integrated_gradcam": self.n_samples}
-        passes = {
-            "insertion": self.steps + 1, "deletion": self.steps + 1, "average_drop": 1, "sparseness": 0, "entropy": 0,
-        }
-        if metric == "max_sensitivity":  # six explanations: the clean one and five perturbed copies
-            return sum(6 * explanation.get(m, self.n_samples + 1) for m in self.methods)
-        if metric == "infidelity":  # one perturbation set serves every method
-            return self.n_perturb + 1
-        return passes[metric] * len(self.methods)
 
     def _scores(
         self, names: Sequence[str], explainers: dict[str, Any], pl_module: pl.LightningModule, data: _Shard,

@@ -19,6 +19,18 @@ class FakeClock:
         return self.now
 
 
+def _evaluating(costs: dict[str, float] | None = None) -> tuple[CostBudget, FakeClock]:
+    """A 10 % budget inside an evaluation that starts after 100 s of training: a 10 s allowance."""
+    clock = FakeClock()
+    budget = CostBudget(0.1, clock=clock)
+    for part, seconds in (costs or {}).items():
+        budget.record(part, seconds)
+    budget.resume_training()
+    clock.now = 100.0
+    budget.begin()
+    return budget, clock
+
+
 def test_training_and_evaluation_time_alternate() -> None:
     clock = FakeClock()
     budget = CostBudget(0.1, clock=clock)
@@ -34,11 +46,7 @@ def test_training_and_evaluation_time_alternate() -> None:
 
 
 def test_plan_runs_unmeasured_parts_then_takes_turns_while_they_fit() -> None:
-    clock = FakeClock()
-    budget = CostBudget(0.1, clock=clock)
-    budget.resume_training()
-    clock.now = 100.0
-    budget.begin()
+    budget, clock = _evaluating()
     assert budget.plan(["a", "b", "c"]) == ["a", "b", "c"]  # nothing measured yet: all run, to be measured
     budget.record("a", 4.0)
     budget.record("c", 1.0)
@@ -71,23 +79,14 @@ def test_a_dear_part_is_not_starved_by_cheap_ones() -> None:
 
 
 def test_estimates_stand_in_until_a_part_is_measured() -> None:
-    clock = FakeClock()
-    budget = CostBudget(0.1, clock=clock)
-    budget.resume_training()
-    clock.now = 100.0
-    budget.begin()  # allowance 10 s
+    budget, _ = _evaluating()
     assert budget.plan(["a", "c", "b"], estimates={"a": 6.0, "b": 6.0}) == ["a", "c"]  # c: no estimate, runs
     budget.record("b", 1.0)
     assert budget.plan(["a", "b"], estimates={"a": 6.0, "b": 6.0}) == ["a", "b"]  # b's measurement wins
 
 
 def test_reserve_keeps_room_for_mandatory_work_still_to_come() -> None:
-    clock = FakeClock()
-    budget = CostBudget(0.1, clock=clock)
-    budget.record("a", 4.0)
-    budget.resume_training()
-    clock.now = 100.0
-    budget.begin()  # allowance 10 s
+    budget, _ = _evaluating({"a": 4.0})
     assert budget.plan(["a"], reserve=6.0) == ["a"]
     assert budget.plan(["a"], reserve=6.5) == []
 

@@ -144,7 +144,7 @@ def test_resume_continues_history_and_store_once_per_epoch(tmp_path: Path) -> No
 @pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn on CPU")
 def test_ddp_spawn_explains_every_probe_item_once(tmp_path: Path) -> None:
     store = tmp_path / "xcam.sqlite"
-    options = {**FAST, "num_probe": 7}
+    options = {**FAST, "num_probe": 7, "max_overhead": 1e6}  # a budget, so rank 0's plan is broadcast; all fit
     monitor = ExplanationMonitor(target_layer="net.features", store=str(store), **options)
     trainer = _trainer(tmp_path, [monitor], max_epochs=1, strategy="ddp_spawn", devices=2, deterministic=False)
     trainer.fit(DigitsModule(), datamodule=DigitsData())
