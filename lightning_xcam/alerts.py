@@ -1377,13 +1377,13 @@ def observe(
 
     Every signal comes with its interventional check (§6.3): the region its maps point at is filled with
     the RISE blur and the drop of ``p(class)`` is compared with the same shape at ``n_random`` random
-    positions. For a
-    group of ``n`` items with paired gaps ``g_i = Δp_R,i − mean_r Δp_rand,i,r`` the check reports the two
-    mean drops and the *paired* reliance ``z = mean(g) / max(sd(g)/√n, 1e-3)`` (a t-statistic over items;
-    a per-item mean of z explodes when an item's random drops are all ~0). The top regions also get the
-    transplant check (:func:`region_sufficiency`, ``n_recipients`` other-class recipients per item,
-    ``n_random`` random controls each): the mean rises and the paired ``z_transplant`` of the same form over the items that
-    have a recipient, so an alert can be confirmed by necessity or by sufficiency.
+    positions. For a group of ``n`` items with paired gaps ``g_i = Δp_R,i − mean_r Δp_rand,i,r`` the check
+    reports the two mean drops and the *paired* reliance ``z = mean(g) / max(sd(g)/√n, 1e-3)`` (a
+    t-statistic over items; a per-item mean of z explodes when an item's random drops are all ~0). The top
+    regions also get the transplant check (:func:`region_sufficiency`, ``n_recipients`` other-class
+    recipients per item, ``n_random`` random controls each): the mean rises and the paired
+    ``z_transplant`` of the same form over the items that have a recipient, so an alert can be confirmed
+    by necessity or by sufficiency.
 
     Signals (overall, class ``None``, and per explained class with at least ``min_group`` items):
 

@@ -63,6 +63,7 @@ _METRIC_TAGS = {
     "entropy": "entropy",
 }
 _STATE_VERSION = 1
+_SENSITIVITY_SAMPLES = 5  # perturbed copies per item for max-sensitivity (plus the clean explanation)
 
 
 class ExplanationMonitor(Callback):
@@ -85,16 +86,17 @@ class ExplanationMonitor(Callback):
     original model with the monitor's Expected Grad-CAM on the way, so the two methods together cost one
     pass;
     insertion + deletion ``2·(steps + 1)·P`` forwards per method; infidelity ``(n_perturb + 1)·P`` for all
-    methods together (they share the perturbations); max-sensitivity six explanations of the ``P`` items
-    (clean, and five perturbed copies).
+    methods together (they share the perturbations); max-sensitivity ``1 + 5`` explanations of the ``P``
+    items (the clean one and five perturbed copies).
 
     **Cost budget.** Explanations, drift and the shortcut checks run at every due evaluation; the metrics
     are the optional part. A metric runs when the monitor's total wall time, with that metric's last
     measured cost added, stays within ``max_overhead`` of the fit's training time so far (everything
     outside the monitor: steps, validation, checkpoints); otherwise it is deferred to a later evaluation
     (an info line says so, and its scalar is absent at that epoch). Before its first run a metric's cost
-    is estimated as its forward passes (above) times the time of the evaluation's prediction pass over
-    the probe. The metrics take turns (the longest-waiting first; the queue waits at the first that does
+    is estimated from the evaluation's own timings: its forward passes (above) at the time of the
+    prediction pass over the probe, and max-sensitivity's explanations at the time of the explanation
+    pass. The metrics take turns (the longest-waiting first; the queue waits at the first that does
     not fit, so the dearest, max-sensitivity, still gets its turn). ``xcam/overhead`` logs the share
     reached. With ``max_overhead=None`` every metric runs at every evaluation (max-sensitivity at every
     ``sensitivity_every``-th): use that when an ``EarlyStopping`` or ``ModelCheckpoint`` monitors an ``xcam``
@@ -490,8 +492,8 @@ class ExplanationMonitor(Callback):
         ``sensitivity_every``-th; under ``max_overhead`` those whose turn it is and that fit (decided on rank
         0, so every rank scores the same). A metric not run yet is estimated from this evaluation's own
         timings: its forward passes over the probe at ``probe_pass`` seconds each, and for max-sensitivity
-        six explanations per method at ``explanation_pass`` seconds each (an upper estimate where methods
-        share a pass)."""
+        ``1 + _SENSITIVITY_SAMPLES`` explanations per method at ``explanation_pass`` seconds each (an upper
+        estimate where methods share a pass)."""
         if self.max_overhead is None or minimal:
             return [m for m in self.metrics if m != "max_sensitivity" or evaluation % self.sensitivity_every == 0]
         due = list(self.metrics)
@@ -501,7 +503,7 @@ class ExplanationMonitor(Callback):
             "average_drop": len(self.methods), "sparseness": 0, "entropy": 0,
         }
         estimates = {m: probe_pass * passes[m] for m in due if m != "max_sensitivity"}
-        estimates["max_sensitivity"] = 6 * len(self.methods) * explanation_pass
+        estimates["max_sensitivity"] = (1 + _SENSITIVITY_SAMPLES) * len(self.methods) * explanation_pass
         # the work after the scores (drift, shortcut checks, images, store) is reserved at its last duration
         planned = trainer.strategy.broadcast(self.budget.plan(due, estimates, self._after_scores), src=0)
         deferred = [m for m in due if m not in planned]
@@ -532,7 +534,7 @@ class ExplanationMonitor(Callback):
                     values[method]["deletion_auc"] = xm.deletion_auc(model, x, maps, c, steps=steps, max_batch=batch)
                 elif name == "max_sensitivity":
                     values[method]["max_sensitivity"] = xm.max_sensitivity(
-                        explainers[method], x, c, n_samples=2 if minimal else 5, seed=self.seed, sample_ids=ids,
+                        explainers[method], x, c, n_samples=2 if minimal else _SENSITIVITY_SAMPLES, seed=self.seed, sample_ids=ids,
                         model=model, max_batch=batch,
                     )
                 elif name == "average_drop":
