@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from lightning_xcam import GAD, ExpectedGradCAM
 from lightning_xcam.demos import SmallCNN, load_digits_tensors
+from lightning_xcam.methods._guard import hooked
 from lightning_xcam.methods.gad import _execution
 
 SIZE, BATCH, N_SAMPLES, N_BANK, REPEATS = 64, 32, 16, 64, 3
@@ -73,13 +74,9 @@ def _tail_share(net: nn.Module, split: str, x: Tensor) -> float:
 
         return hook
 
-    handles = [m.register_forward_hook(count(n)) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            net(x[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked(m.register_forward_hook(count(n)) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))), \
+            torch.no_grad():
+        net(x[:1])
     calls = _execution(net, x)
     split_end = calls[split][-1][1]
     tail = sum(v for n, v in macs.items() if calls[n][0][0] > split_end)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xcam import ExpectedGradCAM, GradCAM, IntegratedGradCAM
-from lightning_xcam.methods._guard import explanation_context
+from lightning_xcam.methods._guard import explanation_context, hooked
 from lightning_xcam.methods.layers import detect_layer, resolve_layer
 
 
@@ -114,6 +114,26 @@ def test_repeated_calls_do_not_accumulate_hooks_or_memory(small_cnn: nn.Module) 
         cam(x)
     assert all(not m._forward_hooks and not m._backward_hooks for m in small_cnn.modules())
 
+
+
+def test_hooked_removes_its_hooks_after_an_error_in_the_block_or_in_a_registration() -> None:
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    seen: list[int] = []
+    with pytest.raises(RuntimeError, match="inside"):
+        with hooked(m.register_forward_hook(lambda _m, _i, _o, k=k: seen.append(k)) for k, m in enumerate(net)):
+            net(torch.ones(1, 2))
+            raise RuntimeError("inside")
+    assert seen == [0, 1, 2]
+
+    def registrations():
+        yield net[0].register_forward_hook(lambda *_: None)
+        yield net[1].register_forward_pre_hook(lambda *_: None)
+        raise RuntimeError("half-way")
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        with hooked(registrations()):
+            pass
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
 
 # --- layer lookup ----------------------------------------------------------------------------------------
 

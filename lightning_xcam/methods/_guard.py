@@ -9,15 +9,16 @@ exactly as they were found.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["explanation_context", "fresh_input", "model_device"]
+__all__ = ["explanation_context", "fresh_input", "hooked", "model_device"]
 
 # Per-module hook dictionaries that explanation code could register into (by handle) and must leave clean.
 _MODULE_HOOK_DICTS = (
@@ -93,6 +94,33 @@ def _preserved_rng() -> Iterator[None]:
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+@contextmanager
+def hooked(handles: Iterable[RemovableHandle]) -> Iterator[None]:
+    """Keep hooks registered while the context is open; remove them on exit, also after an exception.
+
+    ``handles`` is consumed inside the protected block, so a generator that registers hooks as it goes
+    leaves none behind when a registration fails half-way.
+
+    Args:
+        handles: Handles returned by ``register_*_hook`` calls (a lazy iterable is fine).
+
+    Example:
+        >>> net, shapes = nn.Linear(2, 3), []
+        >>> with hooked([net.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))]):
+        ...     _ = net(torch.ones(1, 2))
+        >>> shapes, len(net._forward_hooks)
+        ([(1, 3)], 0)
+    """
+    held: list[RemovableHandle] = []
+    try:
+        for handle in handles:
+            held.append(handle)
+        yield
+    finally:
+        for handle in held:
+            handle.remove()
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lightning_xcam._checks import Targets, check_images, resolve_targets, targets_tensor
 from lightning_xcam.maps import OutputSize, resolve_output_size, upsample
-from lightning_xcam.methods._guard import explanation_context, fresh_input, model_device
+from lightning_xcam.methods._guard import explanation_context, fresh_input, hooked, model_device
 from lightning_xcam.methods.layers import LayerSpec, resolve_layer
 
 __all__ = ["GradCAM", "IntegratedGradCAM", "ExpectedGradCAM", "CAMResult"]
@@ -97,13 +97,8 @@ class _LayerProbe:
 
             return hook
 
-        handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(self.layers)]
-        try:
-            with torch.no_grad():
-                output = self.model(points)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with hooked(layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(self.layers)), torch.no_grad():
+            output = self.model(points)
         if not isinstance(output, Tensor):
             raise TypeError(f"the model must return a logits tensor, got {type(output).__name__}.")
         if any(a is None for a in captured):

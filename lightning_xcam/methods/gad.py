@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from lightning_xcam._checks import Targets, check_images
 from lightning_xcam.maps import OutputSize, degenerate, resolve_output_size, upsample
-from lightning_xcam.methods._guard import explanation_context, fresh_input
+from lightning_xcam.methods._guard import explanation_context, fresh_input, hooked
 from lightning_xcam.methods.cam import (
     ExpectedGradCAM,
     GradCAM,
@@ -156,23 +156,24 @@ def _execution(model: nn.Module, x: Tensor) -> dict[str, list[tuple[int, int]]]:
     clock = [0]
     starts: dict[str, list[int]] = {}
     calls: dict[str, list[tuple[int, int]]] = {}
-    handles = []
 
     def tick() -> int:
         clock[0] += 1
         return clock[0]
 
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(lambda *_a, n=name: starts.setdefault(n, []).append(tick())))
-        handles.append(
-            module.register_forward_hook(lambda *_a, n=name: calls.setdefault(n, []).append((starts[n].pop(), tick())))
-        )
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
+    def begin(name: str) -> None:
+        starts.setdefault(name, []).append(tick())
+
+    def end(name: str) -> None:
+        calls.setdefault(name, []).append((starts[name].pop(), tick()))
+
+    with hooked(
+        handle
+        for name, module in model.named_modules()
+        for handle in (module.register_forward_pre_hook(lambda *_a, n=name: begin(n)),
+                       module.register_forward_hook(lambda *_a, n=name: end(n)))
+    ), torch.no_grad():
+        model(x[:1])
     return calls
 
 
@@ -395,13 +396,11 @@ class _Ensemble(nn.Module):
         def stop(_module: nn.Module, _inputs: object, output: Tensor) -> None:
             raise _TrunkDone(output)
 
-        handle = self._model[0].get_submodule(self.plan.split).register_forward_hook(stop)
-        try:
-            self._model[0](x)
-        except _TrunkDone as done:
-            return done.output
-        finally:
-            handle.remove()
+        with hooked([self._model[0].get_submodule(self.plan.split).register_forward_hook(stop)]):
+            try:
+                self._model[0](x)
+            except _TrunkDone as done:
+                return done.output
         raise RuntimeError(f"the split `{self.plan.split}` did not run in the model's forward pass.")
 
     def heads(
@@ -508,17 +507,12 @@ def _output_bias(model: nn.Module, x: Tensor, candidates: Sequence[str]) -> str 
     whose output tensor *is* the model's output. ``None`` when the logits come from anything else."""
     owners = {name.rpartition(".")[0]: name for name in candidates if name.rpartition(".")[2] == "bias"}
     outputs: dict[str, Tensor] = {}
-    handles = [
+    with hooked(
         module.register_forward_hook(lambda _m, _i, out, n=name: outputs.__setitem__(n, out))
         for name, module in model.named_modules()
         if name in owners and isinstance(module, nn.Linear)
-    ]
-    try:
-        with torch.no_grad():
-            logits = model(x[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
+    ), torch.no_grad():
+        logits = model(x[:1])
     return next((owners[name] for name, out in outputs.items() if out is logits), None)
 
 
@@ -819,18 +813,13 @@ class GAD:
         assert self._plan is not None
         names = [n for n in (self._plan.split, self._plan.cut) if n is not None]
         captured: dict[str, list[Tensor]] = {n: [] for n in names}
-        handles = [
+        with hooked(
             self.model.get_submodule(n).register_forward_hook(
                 lambda _m, _i, out, n=n: captured[n].append(out.detach().clone())
             )
             for n in names
-        ]
-        try:
-            with torch.no_grad():
-                logits = [self.model(part) for part in x.split(_CHUNK)]
-        finally:
-            for handle in handles:
-                handle.remove()
+        ), torch.no_grad():
+            logits = [self.model(part) for part in x.split(_CHUNK)]
         feeds = torch.cat(captured[self._plan.split]) if self._plan.split is not None else x
         cuts = torch.cat(captured[self._plan.cut]) if self._plan.cut is not None else None
         return feeds, cuts, torch.cat(logits)

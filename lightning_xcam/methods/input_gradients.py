@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xcam._checks import Targets, resolve_targets
+from lightning_xcam.methods._guard import hooked
 
 __all__ = ["INPUT_GRADIENT_METHODS", "InputGradients", "Heads", "SingleModel", "relu_rule"]
 
@@ -128,15 +129,12 @@ def relu_rule(modules: Iterable[nn.Module], rule: Literal["guided_backprop", "de
     def after(module: nn.Module, _args: tuple, _output: Tensor) -> Tensor:
         return _ReLURule.apply(pending[id(module)].pop(), guided)
 
-    handles = []
-    try:
-        for module in relus.values():
-            handles.append(module.register_forward_pre_hook(before))
-            handles.append(module.register_forward_hook(after))
+    with hooked(
+        handle
+        for module in relus.values()
+        for handle in (module.register_forward_pre_hook(before), module.register_forward_hook(after))
+    ):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _gauss_legendre(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:

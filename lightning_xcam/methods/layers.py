@@ -7,6 +7,8 @@ import difflib
 import torch
 from torch import Tensor, nn
 
+from lightning_xcam.methods._guard import hooked
+
 __all__ = ["LayerSpec", "resolve_layer", "detect_layer", "layer_name"]
 
 LayerSpec = str | nn.Module | None
@@ -84,17 +86,12 @@ def detect_layer(model: nn.Module, example: Tensor) -> tuple[str, nn.Module]:
         ValueError: If no module produces a spatial output.
     """
     finished: list[str] = []
-    handles = [
+    with hooked(
         module.register_forward_hook(lambda _m, _i, out, name=name: finished.append(name) if _spatial(out) else None)
         for name, module in model.named_modules()
         if name
-    ]
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
+    ), torch.no_grad():
+        model(example[:1])
     if not finished:
         raise ValueError(
             f"no submodule of {type(model).__name__} returns a spatial [B, D, h, w] tensor with h·w > 1 on an input "
