@@ -32,7 +32,7 @@ from lightning_xcam import drift as drift_stats
 from lightning_xcam import metrics as xm
 from lightning_xcam.alerts import Alert, WarningRule, evidence_image, observe
 from lightning_xcam.budget import CostBudget
-from lightning_xcam.maps import degenerate
+from lightning_xcam.maps import degenerate, zero_degenerate
 from lightning_xcam.methods._guard import explanation_context, fresh_input
 from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM, IntegratedGradCAM, _LayerProbe
 from lightning_xcam.methods.layers import resolve_layer
@@ -132,6 +132,16 @@ class ExplanationMonitor(Callback):
         max_overhead: Largest share of training wall time the metrics may bring the monitor to (``0.02``
             = 2 %); ``None`` computes every metric at every evaluation (see *Cost budget*).
 
+    Attributes:
+        history: One dict of logged values per evaluation of the current run.
+        alerts: The run's shortcut :class:`~lightning_xcam.alerts.Alert` s.
+        layer_name: The CAM layer in use (``target_layer`` or the detected one), set when training starts.
+        run_id: The run's name in the store.
+        stopped_epoch: Epoch at which ``on_alert="stop"`` stopped training (``-1``: it did not).
+
+    Each ``fit`` is a new run: this state starts afresh in ``setup`` and comes back from the checkpoint when
+    a fit resumes.
+
     Raises:
         MisconfigurationException: On invalid arguments (at construction), an unknown or non-spatial
             layer, an empty probe or a probe larger than the dataset (before the first training batch).
@@ -181,6 +191,7 @@ class ExplanationMonitor(Callback):
         _check_int("steps", steps, 1)
         _check_int("n_perturb", n_perturb, 1)
         _check_int("alert_patience", alert_patience, 1)
+        _check_int("seed", seed, 0)
         if batch_size is not None:
             _check_int("batch_size", batch_size, 1)
         methods, metrics = tuple(methods), tuple(metrics)
@@ -196,7 +207,19 @@ class ExplanationMonitor(Callback):
             raise MisconfigurationException(f"`store` must be None, a path or False, got {type(store).__name__}.")
         if probe is not None and not hasattr(probe, "__getitem__"):
             raise MisconfigurationException(f"`probe` must be a Dataset of (x, y[, mask]) items, got {type(probe).__name__}.")
+        if spurious_masks is not None:
+            if not isinstance(spurious_masks, Tensor) or spurious_masks.ndim != 3:
+                got = tuple(spurious_masks.shape) if isinstance(spurious_masks, Tensor) else type(spurious_masks).__name__
+                raise MisconfigurationException(
+                    f"`spurious_masks` must be a tensor [P, H, W] (one mask per probe item), got {got}."
+                )
+            if probe is None:
+                raise MisconfigurationException(
+                    "`spurious_masks` needs an explicit `probe`: masks line up with probe items, and a drawn probe "
+                    "is random. Pass `probe=` (or give the masks as the third item of each probe entry)."
+                )
         self.target_layer = target_layer
+        self.layer_name: str | None = None
         self.probe = probe
         self.num_probe = num_probe
         self.every_n_epochs = every_n_epochs
@@ -216,23 +239,30 @@ class ExplanationMonitor(Callback):
         self.n_perturb = n_perturb
         self.batch_size = batch_size
         self.spurious_masks = spurious_masks
-        self.history: list[dict[str, Any]] = []
-        self.alerts: list[Alert] = []
-        self.shortcuts = WarningRule(patience=alert_patience)
+        self.alert_patience = alert_patience
         try:
-            self.budget = CostBudget(max_overhead)
+            CostBudget(max_overhead)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
         self.max_overhead = max_overhead
+        self._store: ExplanationStore | None = None
+        self._warned_images = False
+        self._start_run()
+
+    def _start_run(self) -> None:
+        """Fresh per-run state: each ``fit`` is a run (a resumed one gets its state back from the checkpoint)."""
+        self.history: list[dict[str, Any]] = []
+        self.alerts: list[Alert] = []
+        self.shortcuts = WarningRule(patience=self.alert_patience)
+        self.budget = CostBudget(self.max_overhead)
         self.run_id: str | None = None
         self.stopped_epoch = -1
+        self.layer_name = None
         self._data: _ProbeData | None = None
         self._explainers: dict[str, Any] = {}
         self._first: dict[str, Tensor] = {}
         self._previous: dict[str, Tensor] = {}
         self._last_run_epoch = -1
-        self._store: ExplanationStore | None = None
-        self._warned_images = False
         self._after_scores = 0.0
 
     # ---------------------------------------------------------------------------------------------------
@@ -247,6 +277,10 @@ class ExplanationMonitor(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            # before Lightning restores a checkpoint's callback state; a monitor reused for a second fit
+            # must not explain the first fit's model nor count its epochs as done
+            self._start_run()
         name = type(trainer.strategy).__name__
         if any(word in name for word in ("FSDP", "DeepSpeed")):
             raise MisconfigurationException(
@@ -277,8 +311,15 @@ class ExplanationMonitor(Callback):
         if self.run_id is None:
             # the default store lives in the run's own log dir; a shared store path keeps runs apart by name
             self.run_id = "default" if self.store_path is None else _run_name(trainer)
-        if self.store_path is not False and trainer.is_global_zero and self._store is None:
+        if self.store_path is not False and not trainer.fast_dev_run and trainer.is_global_zero and self._store is None:
             self._store = ExplanationStore(self._resolve_store_path(trainer), run=self.run_id)
+            if not self.history and self._store.epochs():
+                rank_zero_warn(
+                    f"ExplanationMonitor: the store '{self._store.path}' already holds evaluations of run "
+                    f"{self.run_id!r}; this fresh fit replaces them epoch by epoch. Give the run its own logger "
+                    "version or `store` path to keep both.",
+                    category=UserWarning,
+                )
             self._store.write_config(self._config())
         if trainer.is_global_zero:
             for logger in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
@@ -342,7 +383,7 @@ class ExplanationMonitor(Callback):
                 _LayerProbe(pl_module, [layer]).activations(x)
             except (ValueError, TypeError) as err:
                 raise MisconfigurationException(f"ExplanationMonitor: {err}") from err
-        self.target_layer = name
+        self.layer_name = name
 
     # ---------------------------------------------------------------------------------------------------
     # When
@@ -374,7 +415,14 @@ class ExplanationMonitor(Callback):
         evaluation = len(self.history)
         minimal = bool(trainer.fast_dev_run)
         predicted = time.perf_counter()
-        self._data.predict_targets(pl_module, self.batch_size)
+        if not self._data.predict_targets(pl_module, self.batch_size):
+            # every rank holds the same weights, so every rank skips: no collective is left waiting
+            rank_zero_warn(
+                f"ExplanationMonitor: the model's outputs on the probe are not finite at epoch {epoch} (has training "
+                "diverged?); this evaluation is skipped and nothing is logged for it.",
+                category=UserWarning,
+            )
+            return
         seconds_per_forward = (time.perf_counter() - predicted) / self._data.x.shape[0]
         data = self._data.shard(trainer, pl_module, limit=2 if minimal else None)
         per_sample: dict[str, dict[str, Tensor]] = {}
@@ -422,7 +470,7 @@ class ExplanationMonitor(Callback):
         summaries["xcam/overhead"] = self.budget.overhead
         summaries["xcam/time_s"] = time.perf_counter() - started
         for tag, value in summaries.items():
-            pl_module.log(tag, value, on_step=False, on_epoch=True, logger=True, sync_dist=False)
+            pl_module.log(tag, value, on_step=False, on_epoch=True, logger=bool(trainer.loggers), sync_dist=False)
         step = trainer.fit_loop.epoch_loop._batches_that_stepped - int(in_train_hook)
         if trainer.is_global_zero:
             self._log_images(trainer, maps_by_method, step, new_alerts)
@@ -443,7 +491,7 @@ class ExplanationMonitor(Callback):
         assert self._data is not None
         if not self._explainers:
             for method in sorted(self.methods, key=lambda m: m == "gad"):
-                self._explainers[method] = self._build(method, pl_module, self.target_layer)
+                self._explainers[method] = self._build(method, pl_module, self.layer_name)
         for explainer in self._explainers.values():
             if hasattr(explainer, "fit"):
                 explainer.fit(self._data.fit.to(pl_module.device))
@@ -467,7 +515,8 @@ class ExplanationMonitor(Callback):
                     maps["expected_gradcam"] = result.base_maps[0]
             else:
                 maps[method] = explainer(x, targets, sample_ids=ids, stream=stream)
-        return {method: maps[method] for method in explainers}
+        # a non-finite map (an overflowing gradient) is degenerate: scored and counted as such, never NaN
+        return {method: zero_degenerate(maps[method]) for method in explainers}
 
     def _build(self, method: str, pl_module: pl.LightningModule, layer: str) -> Any:
         assert self._data is not None
@@ -566,10 +615,11 @@ class ExplanationMonitor(Callback):
             if method in floors:
                 replicate, flag = floors[method]
                 stats = drift_stats.drift_statistics(current[flag], drift_stats.drift_maps(replicate[flag]))
-                floor = drift_stats.noise_floor(stats["spearman"], stats["valid"])
                 floor_ids = ids[flag].tolist()
                 rows[method]["floor"] = {k: dict(zip(floor_ids, v.tolist())) for k, v in stats.items()}
-                summaries[f"xcam/{method}/noise_floor"] = floor
+                if bool(stats["valid"].any()):  # no valid pair: no floor (its 1e-6 stand-in would inflate the units)
+                    floor = drift_stats.noise_floor(stats["spearman"], stats["valid"])
+                    summaries[f"xcam/{method}/noise_floor"] = floor
             for reference, earlier in (("previous", self._previous.get(method)), ("first", self._first.get(method))):
                 if earlier is None or earlier.shape != current.shape:
                     continue
@@ -667,7 +717,7 @@ class ExplanationMonitor(Callback):
 
     def _config(self) -> dict[str, Any]:
         return {
-            "target_layer": self.target_layer, "num_probe": self.num_probe, "every_n_epochs": self.every_n_epochs,
+            "target_layer": self.layer_name, "num_probe": self.num_probe, "every_n_epochs": self.every_n_epochs,
             "methods": list(self.methods), "metrics": list(self.metrics), "seed": self.seed,
             "n_samples": self.n_samples, "noise_std": self.noise_std, "num_references": self.num_references,
             "num_fit": self.num_fit, "floor_size": self.floor_size, "steps": self.steps,
@@ -731,7 +781,7 @@ class _ProbeData:
                     )
                 indices = torch.randperm(n, generator=generator)[: monitor.num_probe].tolist()
                 probe_idx = set(indices) if probe_set is train else None
-            x, y, masks = _stack([probe_set[i] for i in indices])
+            x, masks = _stack([probe_set[i] for i in indices])
             if train is None:
                 raise MisconfigurationException("ExplanationMonitor needs the training dataset for its reference bank.")
             pool = [i for i in torch.randperm(len(train), generator=generator).tolist() if not probe_idx or i not in probe_idx]
@@ -739,16 +789,25 @@ class _ProbeData:
             fit = _stack([train[i] for i in pool[: monitor.num_fit]])[0]
         if monitor.spurious_masks is not None:
             masks = monitor.spurious_masks.bool().cpu()
-        del y  # the explained class is the model's own prediction (ALGORITHMS.md §1.2), see predict_targets
+            if masks.shape != (x.shape[0], *x.shape[-2:]):
+                raise MisconfigurationException(
+                    f"`spurious_masks` must hold one [H, W] mask per probe item, i.e. shape "
+                    f"{[x.shape[0], *x.shape[-2:]]}, got {list(masks.shape)}."
+                )
         targets = torch.zeros(x.shape[0], dtype=torch.long)
         return cls(x, targets, torch.as_tensor(indices), masks, references, fit, min(monitor.floor_size, x.shape[0]))
 
-    def predict_targets(self, pl_module: pl.LightningModule, batch_size: int | None) -> None:
-        """Set the explained classes to the model's current predictions (once per evaluation, §1.2)."""
+    def predict_targets(self, pl_module: pl.LightningModule, batch_size: int | None) -> bool:
+        """Set the explained classes to the model's current predictions (once per evaluation, §1.2).
+
+        Returns:
+            Whether every probe logit is finite (``False``: a diverged model, nothing to explain).
+        """
         chunks = self.x.split(batch_size or self.x.shape[0])
         with explanation_context(pl_module), torch.no_grad():
             logits = torch.cat([pl_module(fresh_input(chunk, pl_module.device)).cpu() for chunk in chunks])
         self.targets = logits.argmax(1)
+        return bool(torch.isfinite(logits).all())
 
     def shard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, limit: int | None = None) -> _Shard:
         total = self.x.shape[0] if limit is None else min(limit, self.x.shape[0])
@@ -770,17 +829,21 @@ def _dataset(loaders: Any) -> Any:
     return getattr(loaders, "dataset", None)
 
 
-def _stack(items: list[Any]) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def _stack(items: list[Any]) -> tuple[Tensor, Tensor | None]:
+    """Images and, when the items carry them, masks; labels are not read (the explained class is the
+    model's own prediction, ALGORITHMS.md §1.2, see ``predict_targets``)."""
     if not items:
         raise MisconfigurationException("ExplanationMonitor drew no items; the dataset is empty.")
     first = items[0]
     if isinstance(first, Tensor):
-        return torch.stack([i.float() for i in items]), None, None
+        return torch.stack([i.float() for i in items]), None
     columns = list(zip(*items))
     x = torch.stack([torch.as_tensor(v).float() for v in columns[0]])
-    y = torch.as_tensor([int(v) for v in columns[1]]) if len(columns) > 1 else None
-    masks = torch.stack([torch.as_tensor(v).bool() for v in columns[2]]) if len(columns) > 2 else None
-    return x, y, masks
+    # A third column is a mask only when it has the images' size (a sample weight or a box is not).
+    third = [torch.as_tensor(v) for v in columns[2]] if len(columns) > 2 else []
+    if third and all(t.squeeze().shape == x.shape[-2:] for t in third):
+        return x, torch.stack([t.squeeze().bool() for t in third])
+    return x, None
 
 
 def _alert_markdown(alert: Alert) -> str:
@@ -792,11 +855,15 @@ def _alert_markdown(alert: Alert) -> str:
 
 
 def _run_name(trainer: pl.Trainer) -> str:
+    """``<logger name>/<version>`` (``version_N`` for integer versions), so that experiments sharing a store
+    under different logger names stay apart; ``"default"`` without a versioned logger."""
     logger = trainer.logger
     version = getattr(logger, "version", None) if logger is not None else None
     if version is None:
         return "default"
-    return version if isinstance(version, str) else f"version_{version}"
+    version = version if isinstance(version, str) else f"version_{version}"
+    name = getattr(logger, "name", None)
+    return f"{name}/{version}" if name else version
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -810,3 +877,6 @@ def _check_names(name: str, values: tuple[str, ...], allowed: tuple[str, ...]) -
         raise MisconfigurationException(
             f"`{name}` has unknown entries {unknown or values}; choose from {', '.join(repr(a) for a in allowed)}."
         )
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise MisconfigurationException(f"`{name}` lists {repeated} more than once; name each entry once.")

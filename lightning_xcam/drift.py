@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_xcam.maps import degenerate, pool, unit_mass
+from lightning_xcam.maps import degenerate, pool, unit_mass, zero_degenerate
 
 __all__ = [
     "STATISTICS",
@@ -100,8 +100,8 @@ def drift_maps(maps: Tensor, size: int = 16) -> Tensor:
     maps = maps.detach()
     if not maps.is_floating_point():
         maps = maps.float()
-    # Non-finite maps are degenerate; zero them before pooling so they cannot leak into neighbours.
-    maps = torch.where(torch.isfinite(maps), maps, torch.zeros_like(maps))
+    # Zero degenerate maps before pooling so nothing of a non-finite one leaks into the grid.
+    maps = zero_degenerate(maps)
     return unit_mass(pool(maps, size))
 
 

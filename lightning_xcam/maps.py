@@ -45,7 +45,9 @@ def resolve_output_size(output_size: OutputSize, x: Tensor) -> tuple[int, int] |
 def upsample(maps: Tensor, size: tuple[int, int] | None) -> Tensor:
     """Bilinearly resize ``[B, h, w]`` maps to ``size`` (``align_corners=False``); ``None`` is a no-op.
 
-    Bilinear weights are convex, so non-negative maps stay non-negative.
+    Bilinear weights are convex, so non-negative maps stay non-negative. Constant maps (a ``1 × 1`` CAM,
+    an all-zero map) stay exactly constant: interpolation would add rounding noise of ~1e-7 that
+    rankings and min-max normalisation would then take for structure.
 
     Example:
         >>> upsample(torch.ones(2, 7, 7), (28, 28)).shape
@@ -53,13 +55,29 @@ def upsample(maps: Tensor, size: tuple[int, int] | None) -> Tensor:
     """
     if size is None or tuple(maps.shape[-2:]) == tuple(size):
         return maps
-    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    resized = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    flat = maps.flatten(1)
+    constant = (flat.amax(dim=1) == flat.amin(dim=1)).view(-1, 1, 1)
+    return torch.where(constant, flat[:, :1, None].expand_as(resized), resized)
 
 
 def degenerate(maps: Tensor) -> Tensor:
     """``BoolTensor [B]``: maps whose maximum is ``<= 0`` or that hold a non-finite value."""
     flat = maps.flatten(1)
     return ~torch.isfinite(flat).all(dim=1) | (flat.amax(dim=1) <= 0)
+
+
+def zero_degenerate(maps: Tensor) -> Tensor:
+    """``maps`` with every degenerate map (see :func:`degenerate`) replaced by zeros, as a whole: a map
+    holding one non-finite value is not rescued by dropping that value.
+
+    Example:
+        >>> zero_degenerate(torch.tensor([[[1.0, float("nan")]], [[1.0, 2.0]]]))
+        tensor([[[0., 0.]],
+        <BLANKLINE>
+                [[1., 2.]]])
+    """
+    return torch.where(degenerate(maps).view(-1, *([1] * (maps.ndim - 1))), torch.zeros_like(maps), maps)
 
 
 def unit_mass(maps: Tensor) -> Tensor:

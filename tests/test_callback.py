@@ -119,15 +119,16 @@ def test_resume_continues_history_and_store_once_per_epoch(tmp_path: Path) -> No
     store = tmp_path / "xcam.sqlite"
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     pl.seed_everything(2)
-    first = ExplanationMonitor(target_layer="net.features", store=str(store), **FAST)
+    first = ExplanationMonitor(store=str(store), **FAST)  # the layer is detected: the state key must not change
     _trainer(tmp_path, [first, checkpoint], enable_checkpointing=True).fit(DigitsModule(), datamodule=DigitsData())
+    assert first.layer_name == "net.features" and first.target_layer is None
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert [h["epoch"] for h in saved["callbacks"][first.state_key]["history"]] == [0, 1]
     budget = saved["callbacks"][first.state_key]["budget"]
     assert budget["spent"] > 0 and budget["trained"] > 0 and set(budget["costs"]) == {"insertion", "deletion",
                                                                                       "infidelity", "max_sensitivity"}
 
-    resumed = ExplanationMonitor(target_layer="net.features", store=str(store), **FAST)
+    resumed = ExplanationMonitor(store=str(store), **FAST)
     trainer = _trainer(tmp_path, [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt")], max_epochs=4,
                        enable_checkpointing=True)
     trainer.fit(DigitsModule(), datamodule=DigitsData(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
@@ -209,6 +210,11 @@ def test_store_survives_a_process_killed_mid_evaluation(tmp_path: Path) -> None:
         ({"on_alert": "panic"}, "on_alert"),
         ({"num_probe": 0}, "num_probe"),
         ({"max_overhead": 0.0}, "max_overhead"),
+        ({"methods": ("gradcam", "gradcam")}, "more than once"),
+        ({"metrics": ("insertion", "insertion")}, "more than once"),
+        ({"seed": "0"}, "seed"),
+        ({"spurious_masks": [[0, 1]]}, r"spurious_masks.*\[P, H, W\]"),
+        ({"spurious_masks": torch.zeros(6, 16, 16)}, "explicit `probe`"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs: dict, match: str) -> None:
@@ -223,6 +229,8 @@ def test_bad_arguments_fail_at_construction(kwargs: dict, match: str) -> None:
         ({"target_layer": "net.head.0"}, "spatial"),
         ({"num_probe": 5000}, "larger than the dataset"),
         ({"probe": TensorDataset(torch.zeros(0, 1, 16, 16), torch.zeros(0, dtype=torch.long))}, "empty"),
+        ({"probe": TensorDataset(torch.zeros(6, 1, 16, 16), torch.zeros(6)), "spurious_masks": torch.zeros(5, 16, 16)},
+         r"one \[H, W\] mask per probe item"),
     ],
 )
 def test_bad_setup_fails_before_training(tmp_path: Path, kwargs: dict, match: str) -> None:
@@ -274,3 +282,99 @@ def test_budget_defers_metrics_that_do_not_fit(tmp_path: Path, max_overhead: flo
                                                                          "max_sensitivity"})
     computed = sum(h["xcam/time_s"] for h in monitor.history)  # time_s stops before images and the store
     assert computed < monitor.budget.spent < computed + 1.0
+
+def test_probe_items_with_weights_or_one_hot_labels_are_read_as_images_only(tmp_path: Path) -> None:
+    x = load_digits_tensors(16)[0][:6]
+    weighted = TensorDataset(x, torch.zeros(6, dtype=torch.long), torch.ones(6))  # (x, y, sample weight)
+    one_hot = TensorDataset(x, torch.eye(10)[:6])  # (x, one-hot y): the label is never read
+    masked = TensorDataset(x, torch.zeros(6), torch.ones(6, 1, 16, 16))  # (x, y, [1, H, W] mask)
+    for probe, has_masks in ((weighted, False), (one_hot, False), (masked, True)):
+        monitor = ExplanationMonitor(probe=probe, store=False, **{**FAST, "log_images": 0, "metrics": ()})
+        _trainer(tmp_path, [monitor], max_epochs=1).fit(DigitsModule(), datamodule=DigitsData())
+        assert (monitor._data.masks is not None) is has_masks
+        assert [h["epoch"] for h in monitor.history] == [0]
+
+
+@pytest.mark.slow
+def test_a_reused_monitor_explains_the_new_model_from_epoch_0(tmp_path: Path) -> None:
+    monitor = ExplanationMonitor(target_layer="net.features", store=False, **{**FAST, "metrics": ()})
+    first, second = DigitsModule(), DigitsModule()
+    _trainer(tmp_path, [monitor], max_epochs=1).fit(first, datamodule=DigitsData())
+    _trainer(tmp_path, [monitor], max_epochs=1).fit(second, datamodule=DigitsData())
+    assert [h["epoch"] for h in monitor.history] == [0]  # a new run, not epoch 0 taken as done
+    assert monitor._explainers["expected_gradcam"].model is second
+    assert "xcam/expected_gradcam/drift_spearman" not in monitor.history[0]  # no drift against the other model
+
+
+def test_runs_under_different_logger_names_stay_apart_in_a_shared_store(tmp_path: Path) -> None:
+    store = tmp_path / "shared.sqlite"
+    for name in ("exp_a", "exp_b"):
+        monitor = ExplanationMonitor(target_layer="net.features", store=str(store), **{**FAST, "metrics": ()})
+        _trainer(tmp_path, [monitor], max_epochs=1, logger=TensorBoardLogger(tmp_path, name=name, version=0)).fit(
+            DigitsModule(), datamodule=DigitsData())
+        assert monitor.run_id == f"{name}/version_0"
+    with ExplanationStore(store) as db:
+        assert sorted(r["run"] for r in db.runs()) == ["exp_a/version_0", "exp_b/version_0"]
+    again = ExplanationMonitor(target_layer="net.features", store=str(store), **{**FAST, "metrics": ()})
+    with pytest.warns(UserWarning, match="already holds evaluations"):
+        _trainer(tmp_path, [again], max_epochs=1, logger=TensorBoardLogger(tmp_path, name="exp_a", version=0)).fit(
+            DigitsModule(), datamodule=DigitsData())
+
+
+class _Diverging(pl.LightningModule):
+    """A digits classifier whose first bias is NaN from the start of training (a diverged run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = DigitsModule().net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple, _index: int) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def on_train_start(self) -> None:  # after the monitor's own on_train_start (callbacks run first)
+        with torch.no_grad():
+            next(p for n, p in self.named_parameters() if n.endswith("bias")).fill_(float("nan"))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_diverged_model_skips_evaluations_without_stopping_fit_or_logging_nan(tmp_path: Path) -> None:
+    monitor = ExplanationMonitor(target_layer="net.features", store=False, **{**FAST, "log_images": 0})
+    with pytest.warns(UserWarning, match="not finite at epoch 0"):
+        _trainer(tmp_path, [monitor], max_epochs=2).fit(_Diverging(), datamodule=DigitsData())
+    assert monitor.history == []  # both evaluations skipped
+
+
+class _DeadFeatures(torch.nn.Module):
+    """A CAM layer whose output is all zeros: every map is degenerate, the logits stay finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU())
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 16 * 16, 10))
+        torch.nn.init.constant_(self.features[0].bias, -1e3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def test_all_degenerate_maps_log_no_floor_and_no_nan(tmp_path: Path) -> None:
+    module = DigitsModule()
+    module.net = _DeadFeatures()
+    monitor = ExplanationMonitor(target_layer="net.features", store=False, **FAST)
+    _trainer(tmp_path, [monitor], max_epochs=2).fit(module, datamodule=DigitsData())
+    for row in monitor.history:
+        assert row["xcam/expected_gradcam/degenerate"] == FAST["num_probe"]
+        assert not any("noise_floor" in k or "floor_units" in k for k in row)  # no valid floor pair: no floor
+        assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
+
+
+def test_fast_dev_run_writes_no_store(tmp_path: Path) -> None:
+    monitor = ExplanationMonitor(target_layer="net.features", **{**FAST, "metrics": ()})
+    pl.Trainer(default_root_dir=tmp_path, fast_dev_run=True, accelerator="cpu", enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[monitor]).fit(DigitsModule(), datamodule=DigitsData())
+    assert not list(tmp_path.rglob("*.sqlite"))

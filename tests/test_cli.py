@@ -29,7 +29,7 @@ from lightning_xcam.render import DISPLAY_CONCENTRATION
 from lightning_xcam.report import MAIN_COLUMNS, line_chart
 from lightning_xcam.store import ExplanationStore
 
-FAST = dict(methods=("expected_gradcam",), num_probe=6, n_samples=3, num_references=8, num_fit=48, floor_size=3,
+FAST = dict(methods=("expected_gradcam",), num_probe=6, n_samples=3, num_references=8, num_fit=48, floor_size=6,
             steps=4, n_perturb=3, log_images=2, sensitivity_every=1, max_overhead=None)  # every metric every epoch
 METHOD = "expected_gradcam"
 ERROR = "lightning-xcam: error: "

@@ -237,7 +237,7 @@ def test_cifar10_example_fits_on_the_standin(cifar10: ModuleType, tmp_path: Path
     for method in ("gradcam", "expected_gradcam"):
         for name in ("insertion_auc", "deletion_auc"):
             assert math.isfinite(monitor.history[0][f"xcam/{method}/{name}"])
-    assert monitor.target_layer == "net.layer4"
+    assert monitor.layer_name == "net.layer4"
     # the probe is drawn from the validation (test_batch) images, explained in the network's input space
     mean, std = torch.tensor(cifar10.MEAN).view(3, 1, 1), torch.tensor(cifar10.STD).view(3, 1, 1)
     raw = images[5 * PER_BATCH:].view(-1, 3, 32, 32)[monitor._data.ids]
