@@ -159,6 +159,9 @@ def test_degenerate_and_constant_maps_never_give_nan() -> None:
         assert float(values[3]) == pytest.approx(0.0, abs=1e-6), name  # two equal constant maps
     assert float(stats["spearman"][4]) == 1.0  # a constant map carries no rank order: ρ = 0
     assert drift_maps(torch.stack([zero, nan, live])).flatten(1).sum(1).tolist() == pytest.approx([0, 0, 1])
+    spiked = live.clone()
+    spiked[3, 4] = float("inf")  # one non-finite cell makes the whole map degenerate, not its finite rest
+    assert drift_maps(torch.stack([spiked, live])).flatten(1).sum(1).tolist() == pytest.approx([0, 1])
 
 
 def test_drift_maps_pool_and_normalise() -> None:

@@ -22,6 +22,7 @@ from lightning_xcam.metrics import (
     make_substrate,
     target_probabilities,
 )
+from lightning_xcam.maps import upsample
 from lightning_xcam.metrics._perturb import blur_kernel
 
 
@@ -340,3 +341,16 @@ def test_bad_arguments_raise_clear_errors(sharp_cnn) -> None:
         infidelity(sharp_cnn, x, maps, perturb_fn=lambda v: v)
     # Signed maps are fine for infidelity.
     assert torch.isfinite(infidelity(sharp_cnn, x, maps - 0.5, n_perturb=3)).all()
+
+
+def test_constant_maps_upsample_exactly_and_mask_nothing() -> None:
+    # a 1×1 CAM (ResNet layer4 on 32×32) and a constant 7×7 map: bilinear rounding noise (~1e-7) must not
+    # become a min-max mask of 0, 0.5 and 1
+    assert bool((upsample(torch.full((2, 1, 1), 0.3), (32, 32)) == 0.3).all())
+    assert bool((upsample(torch.full((2, 7, 7), 0.1), (32, 32)) == 0.1).all())
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))
+    x = torch.randn(2, 3, 32, 32)
+    drop = average_drop(model, x, torch.full((2, 1, 1), 0.3), targets=1)
+    blank = model(torch.zeros(1, 3, 32, 32)).softmax(1)[0, 1]
+    before = model(x).softmax(1)[:, 1]
+    torch.testing.assert_close(drop, ((before - blank).clamp_min(0) / (before + 1e-7)).detach())

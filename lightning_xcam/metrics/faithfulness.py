@@ -326,8 +326,9 @@ def _confidence(
 _CONFIDENCE_DOC = """
     ``E`` is the map upsampled and min-max normalised per image; ``Y = p_c(x)``, ``O = p_c(E ⊙ x)`` on
     the model-input tensor (ALGORITHMS.md §4.4, Grad-CAM++ / torchcam). One extra forward per image. The
-    mean over items, times 100, is the percentage usually reported. A degenerate or constant map gives
-    ``E = 0`` (the all-zero input); its value is computed on that input and ``valid`` is ``False``.
+    mean over items, times 100, is the percentage usually reported. A degenerate or constant map (a
+    ``1 × 1`` CAM) gives ``E = 0`` (the all-zero input) and its value is computed on that input; ``valid``
+    is ``False`` for degenerate maps.
 
     Args:
         model: Classifier returning ``[B, K]`` logits.
