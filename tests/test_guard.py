@@ -96,6 +96,18 @@ def test_guard_restores_flags_buffers_hooks_and_rng_it_did_not_set(small_cnn: nn
     _assert_same(before, _state(model))
 
 
+
+def test_a_backward_inside_the_guard_leaves_the_users_gradients_untouched(small_cnn: nn.Module) -> None:
+    small_cnn(torch.randn(2, 1, 16, 16)).sum().backward()
+    grads = {n: p.grad for n, p in small_cnn.named_parameters()}
+    values = {n: g.clone() for n, g in grads.items()}
+    with pytest.raises(KeyError):
+        with explanation_context(small_cnn):
+            small_cnn(torch.randn(2, 1, 16, 16)).sum().backward()  # what a third-party explainer might do
+            raise KeyError("fail inside")
+    for name, param in small_cnn.named_parameters():
+        assert param.grad is grads[name] and torch.equal(param.grad, values[name]), name
+
 def test_guard_inside_inference_mode_and_no_grad(small_cnn: nn.Module) -> None:
     with torch.inference_mode():
         with explanation_context(small_cnn):

@@ -63,6 +63,13 @@ class _ModelSnapshot:
             hooks=[(hooks, set(hooks)) for hooks in hook_dicts if isinstance(hooks, dict)],
         )
 
+    def park_grads(self) -> None:
+        """Take the ``.grad`` tensors out of the parameters: a ``.backward()`` inside the context then fills
+        fresh tensors that ``restore`` drops, instead of accumulating into the user's gradients in place."""
+        for p, grad in zip(self.params, self.grads):
+            if grad is not None:
+                p.grad = None
+
     def restore(self) -> None:
         # Compare before writing: restoring an untouched model is the common case and stays cheap.
         for hooks, keys in self.hooks:
@@ -158,6 +165,7 @@ def explanation_context(model: nn.Module) -> Iterator[nn.Module]:
     device = model_device(model)
     with ExitStack() as stack:
         stack.callback(snapshot.restore)
+        snapshot.park_grads()
         stack.enter_context(_preserved_rng())
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
