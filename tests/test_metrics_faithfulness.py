@@ -341,6 +341,10 @@ def test_bad_arguments_raise_clear_errors(sharp_cnn) -> None:
         infidelity(sharp_cnn, x, maps, perturb_fn=lambda v: v)
     # Signed maps are fine for infidelity.
     assert torch.isfinite(infidelity(sharp_cnn, x, maps - 0.5, n_perturb=3)).all()
+    # A perturb_fn computing in float64 is brought back to the images' dtype (same values as in float32).
+    in_double = lambda v: tuple(t.double() for t in _deterministic_perturb(v))  # noqa: E731
+    torch.testing.assert_close(infidelity(sharp_cnn, x, maps, n_perturb=3, perturb_fn=in_double),
+                               infidelity(sharp_cnn, x, maps, n_perturb=3, perturb_fn=_deterministic_perturb))
 
 
 def test_constant_maps_upsample_exactly_and_mask_nothing() -> None:

@@ -40,6 +40,8 @@ def test_model_metric_twins_match_the_functions(digits, small_cnn) -> None:
     for xb, mb, ib in _split(x, maps, ids):
         metric.update(small_cnn, xb, mb, sample_ids=ib)
     assert torch.allclose(metric.compute(), values[torch.arange(8) != 2].mean(), rtol=1e-5)
+    with pytest.raises(TypeError, match="one twin per method"):
+        metric.update(small_cnn, x, [maps, maps], sample_ids=ids)
 
 
 def test_explainer_twin_and_keyword_overrides() -> None:

@@ -290,7 +290,7 @@ def infidelity(
                             f"`perturb_fn` returned {name} of shape {tuple(value.shape)}; expected the shape of "
                             f"its input {tuple(repeated.shape)}."
                         )
-                noise, perturbed = noise.to(repeated.device), perturbed.to(repeated.device)
+                noise, perturbed = noise.to(repeated), perturbed.to(repeated)  # the device and dtype of the images
             rows = repeated.shape[0]
             for phi, parts in zip(phis, a_parts):
                 weighted = phi[part].unsqueeze(1).repeat_interleave(n_perturb, dim=0) * noise.float()

@@ -159,6 +159,21 @@ class Infidelity(ExplanationMetric):
     function = staticmethod(infidelity)
     higher_is_better = False
 
+    def update(self, *args: Any, classes: Tensor | None = None, **kwargs: Any) -> None:
+        """As :meth:`ExplanationMetric.update`, for one method's ``maps`` tensor.
+
+        Raises:
+            TypeError: If ``maps`` is a list (the functional form scores several methods at once; a twin
+                accumulates one, so keep one twin per method).
+        """
+        maps = args[2] if len(args) > 2 else kwargs.get("maps")
+        if isinstance(maps, (list, tuple)):
+            raise TypeError(
+                f"`maps` must be one [B, h, w] tensor, got a {type(maps).__name__} of {len(maps)}; an Infidelity "
+                "twin accumulates one method's scores, so keep one twin per method."
+            )
+        super().update(*args, classes=classes, **kwargs)
+
 
 class MaxSensitivity(ExplanationMetric):
     """Twin of :func:`~lightning_xcam.metrics.max_sensitivity`; ``update(explainer, x, targets=None)``."""
