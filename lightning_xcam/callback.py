@@ -305,6 +305,13 @@ class ExplanationMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dtypes = {p.dtype for p in pl_module.parameters() if p.is_floating_point()} - {torch.float32}
+        if dtypes:
+            raise MisconfigurationException(
+                f"ExplanationMonitor explains float32 models; `precision={trainer.precision!r}` gave "
+                f"{sorted(str(d) for d in dtypes)} weights. Use precision='bf16-mixed' or '16-mixed' (float32 "
+                "weights, half-precision compute) or remove the monitor."
+            )
         if self._data is None:
             self._data = _ProbeData.draw(self, trainer, pl_module)
             self._check_layer(pl_module)

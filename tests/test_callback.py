@@ -378,3 +378,9 @@ def test_fast_dev_run_writes_no_store(tmp_path: Path) -> None:
     pl.Trainer(default_root_dir=tmp_path, fast_dev_run=True, accelerator="cpu", enable_progress_bar=False,
                enable_model_summary=False, callbacks=[monitor]).fit(DigitsModule(), datamodule=DigitsData())
     assert not list(tmp_path.rglob("*.sqlite"))
+
+
+def test_true_half_precision_fails_before_training_with_the_fix(tmp_path: Path) -> None:
+    monitor = ExplanationMonitor(target_layer="net.features", store=False, **FAST)
+    with pytest.raises(MisconfigurationException, match=r"bf16-true.*bf16-mixed"):
+        _trainer(tmp_path, [monitor], max_epochs=1, precision="bf16-true").fit(DigitsModule(), datamodule=DigitsData())

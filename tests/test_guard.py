@@ -108,6 +108,14 @@ def test_a_backward_inside_the_guard_leaves_the_users_gradients_untouched(small_
     for name, param in small_cnn.named_parameters():
         assert param.grad is grads[name] and torch.equal(param.grad, values[name]), name
 
+
+def test_a_half_precision_model_is_refused_with_the_fix(small_cnn: nn.Module) -> None:
+    half = small_cnn.bfloat16()
+    with pytest.raises(TypeError, match=r"bfloat16 parameters.*bf16-mixed"):
+        with explanation_context(half):
+            pass
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())  # refused, not converted
+
 def test_guard_inside_inference_mode_and_no_grad(small_cnn: nn.Module) -> None:
     with torch.inference_mode():
         with explanation_context(small_cnn):

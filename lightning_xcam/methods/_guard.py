@@ -153,6 +153,11 @@ def explanation_context(model: nn.Module) -> Iterator[nn.Module]:
     Yields:
         The same ``model``, in eval mode.
 
+    Raises:
+        TypeError: If the model's floating-point parameters are not float32 (a model trained with
+            ``precision="bf16-true"``/``"16-true"``/``"64-true"``): explanations run in float32, and
+            converting the user's model is a side effect this context exists to prevent.
+
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout()).train()
         >>> with explanation_context(net):
@@ -161,6 +166,12 @@ def explanation_context(model: nn.Module) -> Iterator[nn.Module]:
         >>> net.training
         True
     """
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()} - {"float32"})
+    if dtypes:
+        raise TypeError(
+            f"explanations need a float32 model; this one has {', '.join(dtypes)} parameters. Train with a mixed "
+            "precision (precision='bf16-mixed' or '16-mixed' keep float32 weights) or explain a float32 copy."
+        )
     snapshot = _ModelSnapshot.take(model)
     device = model_device(model)
     with ExitStack() as stack:
