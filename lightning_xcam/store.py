@@ -295,7 +295,10 @@ class ExplanationStore:
         path: The SQLite file, or a directory (then ``<path>/xcam.sqlite``). Parent directories are created.
         run: The run this object writes, and reads when a read method gets ``run=None``.
         create: Create the file if missing; with ``False`` a missing file raises ``FileNotFoundError``
-            (for readers such as the CLI).
+            (for readers such as the CLI), and a store that cannot be opened for writing (a read-only file
+            system: SQLite's WAL mode needs to create ``xcam.sqlite-shm``) is opened read-only instead, as
+            a finished run's snapshot (``read_only`` is then ``True``; transactions left in a ``-wal``
+            file by a crashed writer are not seen).
         timeout: Seconds to wait for another connection's write lock.
 
     Raises:
@@ -326,11 +329,19 @@ class ExplanationStore:
             path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.run = run
+        self.read_only = False
         # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE … COMMIT) in `_transaction`.
         self._conn = sqlite3.connect(str(path), timeout=timeout, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
         try:
             self._open_schema()
+        except sqlite3.OperationalError as err:
+            self._conn.close()
+            if create:
+                raise sqlite3.OperationalError(
+                    f"cannot open '{path}' for writing ({err}); pass a writable `store` path, or create=False to read it."
+                ) from err
+            self._open_read_only(timeout)
         except BaseException:
             self._conn.close()
             raise
@@ -350,11 +361,27 @@ class ExplanationStore:
     def __repr__(self) -> str:
         return f"ExplanationStore('{self.path}', run={self.run!r})"
 
-    def _open_schema(self) -> None:
+    def _open_read_only(self, timeout: float) -> None:
+        self._conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", timeout=timeout,
+                                     isolation_level=None, uri=True)
+        self._conn.row_factory = sqlite3.Row
+        self.read_only = True
         try:
-            tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            self._check_meta(self._tables())
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _tables(self) -> set[str]:
+        try:
+            return {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.OperationalError:
+            raise  # cannot open (permissions, a read-only file system): not a format problem
         except sqlite3.DatabaseError as err:
             raise StoreFormatError(f"'{self.path}' is not an SQLite database ({err}).") from None
+
+    def _open_schema(self) -> None:
+        tables = self._tables()
         if tables:
             self._check_meta(tables)  # before any PRAGMA that would modify a foreign file
         self._conn.execute("PRAGMA journal_mode = WAL")
@@ -394,6 +421,8 @@ class ExplanationStore:
     # -- writing -----------------------------------------------------------------------------------
 
     def _begin(self) -> None:
+        if self.read_only:
+            raise PermissionError(f"'{self.path}' was opened read-only (it cannot be written here); nothing was written.")
         self._conn.execute("BEGIN IMMEDIATE")
         self._conn.execute(
             "INSERT OR IGNORE INTO runs (run, created, config) VALUES (?, ?, '{}')", (self.run, time.time())

@@ -322,3 +322,26 @@ def test_sigkill_at_an_arbitrary_moment_leaves_whole_evaluations(tmp_path: Path)
             proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert len(_assert_complete_or_absent(path, 64, 3)) >= 3
+
+
+def test_a_store_on_a_read_only_file_system_is_read_and_refuses_writes(tmp_path: Path) -> None:
+    source, mounted = tmp_path / "source", tmp_path / "mounted"
+    source.mkdir()
+    mounted.mkdir()
+    with ExplanationStore(source / "xcam.sqlite", run="r") as store:
+        store.write_evaluation(0, [0, 1], metrics={"gradcam": {"deletion_auc": torch.tensor([0.2, 0.3])}})
+    mount = subprocess.run(["mount", "--bind", str(source), str(mounted)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip("needs `mount --bind` (root in a container that allows it) to make a read-only file system")
+    try:
+        if subprocess.run(["mount", "-o", "remount,bind,ro", str(mounted)], capture_output=True).returncode != 0:
+            pytest.skip("cannot remount read-only here")
+        with pytest.raises(sqlite3.OperationalError, match="for writing"):
+            ExplanationStore(mounted / "xcam.sqlite", run="r")
+        with ExplanationStore(mounted / "xcam.sqlite", run="r", create=False) as store:
+            assert store.read_only
+            assert [row["value"] for row in store.metrics()] == pytest.approx([0.2, 0.3])
+            with pytest.raises(PermissionError, match="read-only"):
+                store.write_config({"num_probe": 2})
+    finally:
+        subprocess.run(["umount", str(mounted)], capture_output=True)
