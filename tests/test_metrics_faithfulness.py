@@ -358,3 +358,13 @@ def test_constant_maps_upsample_exactly_and_mask_nothing() -> None:
     blank = model(torch.zeros(1, 3, 32, 32)).softmax(1)[0, 1]
     before = model(x).softmax(1)[:, 1]
     torch.testing.assert_close(drop, ((before - blank).clamp_min(0) / (before + 1e-7)).detach())
+
+
+def test_a_diverged_model_is_refused_by_name_not_as_an_internal_error() -> None:
+    x, maps = torch.randn(2, 1, 8, 8), torch.rand(2, 8, 8)
+    broken = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    with torch.no_grad():
+        broken[1].bias[1] = float("inf")
+    for metric in (deletion_auc, insertion_auc, average_drop, infidelity):
+        with pytest.raises(ValueError, match="non-finite logits for 2 of 2 images"):
+            metric(broken, x, maps)

@@ -196,6 +196,10 @@ def clean_pass(
 
     Returns:
         The :class:`Clean` bundle.
+
+    Raises:
+        ValueError: If the model's logits on the clean images are not finite (a diverged model: no score
+            of it would mean anything).
     """
     check_images(x)
     maps = check_maps(maps, x, nonnegative=nonnegative)
@@ -204,5 +208,11 @@ def clean_pass(
     with torch.inference_mode():
         logits = model(x).float()
     logits = logits.clone()
+    broken = ~torch.isfinite(logits).all(dim=1)
+    if bool(broken.any()):
+        raise ValueError(
+            f"the model returns non-finite logits for {int(broken.sum())} of {broken.numel()} images (rows "
+            f"{broken.nonzero().flatten()[:8].tolist()}); a diverged model cannot be scored. Check its weights."
+        )
     resolved = resolve_targets(targets, logits)
     return Clean(x=x, maps=upsample(maps.to(device), tuple(x.shape[-2:])), targets=resolved, logits=logits)
