@@ -219,7 +219,6 @@ class ExplanationMonitor(Callback):
                     "is random. Pass `probe=` (or give the masks as the third item of each probe entry)."
                 )
         self.target_layer = target_layer
-        self.layer_name: str | None = None
         self.probe = probe
         self.num_probe = num_probe
         self.every_n_epochs = every_n_epochs
@@ -257,7 +256,7 @@ class ExplanationMonitor(Callback):
         self.budget = CostBudget(self.max_overhead)
         self.run_id: str | None = None
         self.stopped_epoch = -1
-        self.layer_name = None
+        self.layer_name: str | None = None
         self._data: _ProbeData | None = None
         self._explainers: dict[str, Any] = {}
         self._first: dict[str, Tensor] = {}
