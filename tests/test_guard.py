@@ -116,6 +116,13 @@ def test_a_half_precision_model_is_refused_with_the_fix(small_cnn: nn.Module) ->
             pass
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())  # refused, not converted
 
+
+def test_a_model_with_nan_weights_gets_degenerate_maps_not_nan(small_cnn: nn.Module) -> None:
+    with torch.no_grad():
+        small_cnn.features[0].weight[0, 0, 0, 0] = float("nan")
+    maps = GradCAM(small_cnn, "features")(torch.randn(2, 1, 16, 16), targets=0, output_size="input")
+    assert maps.shape == (2, 16, 16) and bool((maps == 0).all())
+
 def test_guard_inside_inference_mode_and_no_grad(small_cnn: nn.Module) -> None:
     with torch.inference_mode():
         with explanation_context(small_cnn):

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xcam._checks import Targets, check_images, resolve_targets, targets_tensor
-from lightning_xcam.maps import OutputSize, resolve_output_size, upsample
+from lightning_xcam.maps import OutputSize, resolve_output_size, upsample, zero_degenerate
 from lightning_xcam.methods._guard import explanation_context, fresh_input, hooked, model_device
 from lightning_xcam.methods.layers import LayerSpec, resolve_layer
 
@@ -213,10 +213,12 @@ class _CAM:
             stream: Independent replicate stream (1 gives the noise-floor replicate).
 
         Returns:
-            Raw non-negative float32 maps ``[B, h, w]`` (or ``[B, H, W]`` when upsampled).
+            Raw non-negative float32 maps ``[B, h, w]`` (or ``[B, H, W]`` when upsampled); a map that would
+            hold a non-finite value (a model with NaN weights, overflowing gradients) is all zeros, i.e.
+            degenerate, never NaN.
         """
         maps = self.explain(x, targets, sample_ids=sample_ids, stream=stream).maps[0]
-        return upsample(maps, resolve_output_size(output_size, x))
+        return upsample(zero_degenerate(maps), resolve_output_size(output_size, x))
 
     def explain(
         self, x: Tensor, targets: Targets = None, *, sample_ids: Tensor | None = None, stream: int = 0
