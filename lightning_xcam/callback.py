@@ -329,7 +329,7 @@ class ExplanationMonitor(Callback):
             self._store.write_config(self._config())
         if trainer.is_global_zero:
             for logger in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
-                write_layout(logger.experiment, self.methods)  # CUSTOM SCALARS opens on the curves to read first
+                write_layout(logger.experiment, self.methods, floors=self.floor_size > 0)  # CUSTOM SCALARS opens on the curves to read first
         self.budget.resume_training()
 
     @override

@@ -74,20 +74,20 @@ def _chart(title: str, *tags: str) -> layout_pb2.Chart:
     return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=list(tags)))
 
 
-def _drift_name(method: str) -> str:
+def _drift_name(method: str, floors: bool) -> str:
     """The drift scalar a method is charted by: noise-floor units, or ``1 − ρ`` when it has no floor."""
-    return "drift_spearman" if method in DETERMINISTIC_METHODS else "drift_floor_units"
+    return "drift_floor_units" if floors and method not in DETERMINISTIC_METHODS else "drift_spearman"
 
 
-def _drift_chart(method: str, reference: str) -> layout_pb2.Chart:
+def _drift_chart(method: str, reference: str, floors: bool) -> layout_pb2.Chart:
     """Drift against the ``"previous"`` or ``"first"`` evaluation, in the best unit the method has."""
-    name = _drift_name(method) + ("" if reference == "previous" else "_first")
-    unit = ("rank distance 1 − ρ (0 = same ranking)" if method in DETERMINISTIC_METHODS
-            else "noise-floor units (≈ 1 = resampling noise)")
+    name = _drift_name(method, floors) + ("" if reference == "previous" else "_first")
+    unit = ("noise-floor units (≈ 1 = resampling noise)" if name.startswith("drift_floor_units")
+            else "rank distance 1 − ρ (0 = same ranking)")
     return _chart(f"{method}: drift vs {reference} evaluation, {unit}", _tag(method, name))
 
 
-def custom_scalar_layout(methods: Sequence[str]) -> layout_pb2.Layout:
+def custom_scalar_layout(methods: Sequence[str], *, floors: bool = True) -> layout_pb2.Layout:
     """The CUSTOM SCALARS layout for the monitor's scalars of ``methods``.
 
     Every chart holds one scalar: TensorBoard colours lines by run, not by tag, so two tags in one chart
@@ -96,6 +96,8 @@ def custom_scalar_layout(methods: Sequence[str]) -> layout_pb2.Layout:
     Args:
         methods: The monitor's method names, in the order they should be shown, e.g.
             ``["expected_gradcam", "gradcam"]``.
+        floors: Whether the stochastic methods have a noise floor (the monitor's ``floor_size > 0``); without
+            one their drift is charted as ``1 − ρ``, like the deterministic methods'.
 
     Returns:
         A ``layout_pb2.Layout``: the category ``"xcam: at a glance"`` (the alert, then insertion − deletion
@@ -116,20 +118,20 @@ def custom_scalar_layout(methods: Sequence[str]) -> layout_pb2.Layout:
     for method in methods:
         glance.append(_chart(f"{method}: insertion − deletion (higher = more faithful)",
                              _tag(method, "insertion_minus_deletion")))
-        glance.append(_drift_chart(method, "previous"))
+        glance.append(_drift_chart(method, "previous", floors))
     categories = [layout_pb2.Category(title="xcam: at a glance", chart=glance)]
     for method in methods:
         charts = [
             _chart(f"{method}: insertion AUC (higher is better)", _tag(method, "insertion_auc")),
             _chart(f"{method}: deletion AUC (lower is better)", _tag(method, "deletion_auc")),
             _chart(f"{method}: infidelity (lower is better)", _tag(method, "infidelity")),
-            _drift_chart(method, "first"),
+            _drift_chart(method, "first", floors),
         ]
         categories.append(layout_pb2.Category(title=f"xcam: {method}", chart=charts))
     return layout_pb2.Layout(category=categories)
 
 
-def write_layout(writer: Any, methods: Sequence[str]) -> None:
+def write_layout(writer: Any, methods: Sequence[str], *, floors: bool = True) -> None:
     """Write :func:`custom_scalar_layout` into a run through its ``SummaryWriter``.
 
     Goes through the writer's public ``add_custom_scalars`` (torch's and tensorboardX's ``SummaryWriter``
@@ -139,6 +141,7 @@ def write_layout(writer: Any, methods: Sequence[str]) -> None:
     Args:
         writer: A ``SummaryWriter``, e.g. ``TensorBoardLogger(...).experiment``.
         methods: As :func:`custom_scalar_layout`.
+        floors: As :func:`custom_scalar_layout`.
 
     Raises:
         TypeError: If ``writer`` has no ``add_custom_scalars`` method, or as :func:`custom_scalar_layout`.
@@ -153,7 +156,7 @@ def write_layout(writer: Any, methods: Sequence[str]) -> None:
             f"`writer` must be a SummaryWriter with `add_custom_scalars` (e.g. TensorBoardLogger.experiment), "
             f"got {type(writer).__name__}."
         )
-    layout = custom_scalar_layout(methods)
+    layout = custom_scalar_layout(methods, floors=floors)
     # add_custom_scalars takes {category: {chart: ["Multiline", [regex, ...]]}} and rebuilds this very proto.
     writer.add_custom_scalars({
         category.title: {chart.title: ["Multiline", list(chart.multiline.tag)] for chart in category.chart}
@@ -161,7 +164,7 @@ def write_layout(writer: Any, methods: Sequence[str]) -> None:
     })
 
 
-def scalars_url(methods: Sequence[str], base: str = "http://localhost:6006") -> str:
+def scalars_url(methods: Sequence[str], base: str = "http://localhost:6006", *, floors: bool = True) -> str:
     """A SCALARS page address filtered to the "at a glance" curves, with smoothing off.
 
     TensorBoard's SCALARS page opens only the first two tag groups in name order, so ``xcam`` is closed
@@ -171,6 +174,7 @@ def scalars_url(methods: Sequence[str], base: str = "http://localhost:6006") -> 
     Args:
         methods: As :func:`custom_scalar_layout`.
         base: TensorBoard's address.
+        floors: As :func:`custom_scalar_layout`.
 
     Returns:
         ``<base>/#scalars&_smoothingWeight=0&tagFilter=<regex>``, the regex URL-quoted.
@@ -187,6 +191,6 @@ def scalars_url(methods: Sequence[str], base: str = "http://localhost:6006") -> 
         raise TypeError(f"`base` must be a URL string such as 'http://localhost:6006', got {type(base).__name__}.")
     methods = _check_methods(methods)
     # The same tags as the layout's first category, as one short regex (the filter box shows it).
-    per_method = "|".join(f"{re.escape(m)}/(insertion_minus_deletion|{_drift_name(m)})" for m in methods)
+    per_method = "|".join(f"{re.escape(m)}/(insertion_minus_deletion|{_drift_name(m, floors)})" for m in methods)
     regex = f"^xcam/(alert|{per_method})$"
     return f"{base.rstrip('/')}/#scalars&_smoothingWeight=0&tagFilter={quote(regex, safe='')}"

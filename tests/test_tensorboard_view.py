@@ -48,6 +48,17 @@ def real_tags(run_dir: Path) -> set[str]:
     return set(events.Tags()["scalars"])
 
 
+def test_layout_without_noise_floors_charts_rank_drift_for_every_method() -> None:
+    # floor_size=0: no stochastic method logs drift_floor_units, so no chart may wait for it
+    drift = [(title, tags[0]) for _, title, tags in _charts(custom_scalar_layout(METHODS, floors=False))
+             if "drift" in title]
+    assert len(drift) == 2 * len(METHODS)
+    for title, tag in drift:
+        method = title.split(":")[0]
+        assert tag.startswith(f"xcam/{method}/drift_spearman") and "1 − ρ" in title
+    assert "drift_floor_units" not in scalars_url(METHODS, floors=False)
+
+
 def test_layout_categories_charts_and_tags() -> None:
     charts = _charts(custom_scalar_layout(METHODS))
     tags = [(category, chart_tags) for category, _, chart_tags in charts]
