@@ -89,8 +89,7 @@ def unit_mass(maps: Tensor) -> Tensor:
         <BLANKLINE>
                 [[0.0000, 0.0000]]])
     """
-    bad = degenerate(maps)
-    clean = torch.where(bad.view(-1, *([1] * (maps.ndim - 1))), torch.zeros_like(maps), maps.clamp_min(0))
+    clean = zero_degenerate(maps).clamp_min(0)
     total = clean.flatten(1).sum(dim=1).clamp_min(torch.finfo(maps.dtype).tiny)
     return clean / total.view(-1, *([1] * (maps.ndim - 1)))
 
