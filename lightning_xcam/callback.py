@@ -33,7 +33,7 @@ from lightning_xcam import metrics as xm
 from lightning_xcam.alerts import Alert, WarningRule, evidence_image, observe
 from lightning_xcam.budget import CostBudget
 from lightning_xcam.maps import degenerate, zero_degenerate
-from lightning_xcam.methods._guard import explanation_context, fresh_input
+from lightning_xcam.methods._guard import explanation_context, fresh_input, require_float32
 from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM, IntegratedGradCAM, _LayerProbe
 from lightning_xcam.methods.layers import resolve_layer
 from lightning_xcam.render import DISPLAY_CONCENTRATION, explanation_panel, relative_mass, stack_rows
@@ -304,13 +304,10 @@ class ExplanationMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dtypes = {p.dtype for p in pl_module.parameters() if p.is_floating_point()} - {torch.float32}
-        if dtypes:
-            raise MisconfigurationException(
-                f"ExplanationMonitor explains float32 models; `precision={trainer.precision!r}` gave "
-                f"{sorted(str(d) for d in dtypes)} weights. Use precision='bf16-mixed' or '16-mixed' (float32 "
-                "weights, half-precision compute) or remove the monitor."
-            )
+        try:
+            require_float32(pl_module)
+        except TypeError as err:
+            raise MisconfigurationException(f"ExplanationMonitor under `precision={trainer.precision!r}`: {err}") from err
         if self._data is None:
             self._data = _ProbeData.draw(self, trainer, pl_module)
             self._check_layer(pl_module)

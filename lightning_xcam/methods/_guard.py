@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["explanation_context", "fresh_input", "hooked", "model_device"]
+__all__ = ["explanation_context", "fresh_input", "hooked", "model_device", "require_float32"]
 
 # Per-module hook dictionaries that explanation code could register into (by handle) and must leave clean.
 _MODULE_HOOK_DICTS = (
@@ -138,6 +138,21 @@ def model_device(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
+def require_float32(model: nn.Module) -> None:
+    """Refuse a model whose floating-point parameters are not float32 (explanations run in float32, and
+    converting the user's model would be a side effect).
+
+    Raises:
+        TypeError: Naming the dtypes found and the mixed precisions that keep float32 weights.
+    """
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()} - {"float32"})
+    if dtypes:
+        raise TypeError(
+            f"explanations need a float32 model; this one has {', '.join(dtypes)} parameters. Train with a mixed "
+            "precision (precision='bf16-mixed' or '16-mixed' keep float32 weights) or explain a float32 copy."
+        )
+
+
 @contextmanager
 def explanation_context(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in a state fit for explanation and restore everything on exit.
@@ -155,8 +170,7 @@ def explanation_context(model: nn.Module) -> Iterator[nn.Module]:
 
     Raises:
         TypeError: If the model's floating-point parameters are not float32 (a model trained with
-            ``precision="bf16-true"``/``"16-true"``/``"64-true"``): explanations run in float32, and
-            converting the user's model is a side effect this context exists to prevent.
+            ``precision="bf16-true"``/``"16-true"``/``"64-true"``), see :func:`require_float32`.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Dropout()).train()
@@ -166,12 +180,7 @@ def explanation_context(model: nn.Module) -> Iterator[nn.Module]:
         >>> net.training
         True
     """
-    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()} - {"float32"})
-    if dtypes:
-        raise TypeError(
-            f"explanations need a float32 model; this one has {', '.join(dtypes)} parameters. Train with a mixed "
-            "precision (precision='bf16-mixed' or '16-mixed' keep float32 weights) or explain a float32 copy."
-        )
+    require_float32(model)
     snapshot = _ModelSnapshot.take(model)
     device = model_device(model)
     with ExitStack() as stack:
