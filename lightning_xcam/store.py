@@ -57,6 +57,9 @@ __all__ = ["ExplanationStore", "StoreFormatError", "find_store", "find_stores", 
 DEFAULT_FILENAME = "xcam.sqlite"
 SCHEMA_VERSION = 1
 _FORMAT = "lightning_xcam"
+# SQLite's messages for SQLITE_CANTOPEN and SQLITE_READONLY (error codes reach Python only from 3.11 on):
+# the store cannot be written here, so a reader falls back to a read-only connection.
+_CANNOT_WRITE = ("unable to open database file", "readonly database")
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _NO_CLASS = -1
 
@@ -330,13 +333,13 @@ class ExplanationStore:
         self.path = path
         self.run = run
         self.read_only = False
-        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE … COMMIT) in `_transaction`.
-        self._conn = sqlite3.connect(str(path), timeout=timeout, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
+        self._connect(str(path), timeout)
         try:
             self._open_schema()
         except sqlite3.OperationalError as err:
             self._conn.close()
+            if not any(text in str(err) for text in _CANNOT_WRITE):
+                raise
             if create:
                 raise sqlite3.OperationalError(
                     f"cannot open '{path}' for writing ({err}); pass a writable `store` path, or create=False to read it."
@@ -361,10 +364,13 @@ class ExplanationStore:
     def __repr__(self) -> str:
         return f"ExplanationStore('{self.path}', run={self.run!r})"
 
-    def _open_read_only(self, timeout: float) -> None:
-        self._conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", timeout=timeout,
-                                     isolation_level=None, uri=True)
+    def _connect(self, database: str, timeout: float, uri: bool = False) -> None:
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE … COMMIT) opened by `_begin`.
+        self._conn = sqlite3.connect(database, timeout=timeout, isolation_level=None, uri=uri)
         self._conn.row_factory = sqlite3.Row
+
+    def _open_read_only(self, timeout: float) -> None:
+        self._connect(f"{self.path.resolve().as_uri()}?mode=ro&immutable=1", timeout, uri=True)
         self.read_only = True
         try:
             self._check_meta(self._tables())
