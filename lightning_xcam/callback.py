@@ -32,7 +32,7 @@ from lightning_xcam import drift as drift_stats
 from lightning_xcam import metrics as xm
 from lightning_xcam.alerts import Alert, WarningRule, evidence_image, observe
 from lightning_xcam.budget import CostBudget
-from lightning_xcam.maps import degenerate, zero_degenerate
+from lightning_xcam.maps import degenerate
 from lightning_xcam.methods._guard import explanation_context, fresh_input, require_float32
 from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM, IntegratedGradCAM, _LayerProbe
 from lightning_xcam.methods.layers import resolve_layer
@@ -518,8 +518,7 @@ class ExplanationMonitor(Callback):
                     maps["expected_gradcam"] = result.base_maps[0]
             else:
                 maps[method] = explainer(x, targets, sample_ids=ids, stream=stream)
-        # a non-finite map (an overflowing gradient) is degenerate: scored and counted as such, never NaN
-        return {method: zero_degenerate(maps[method]) for method in explainers}
+        return {method: maps[method] for method in explainers}
 
     def _build(self, method: str, pl_module: pl.LightningModule, layer: str) -> Any:
         assert self._data is not None

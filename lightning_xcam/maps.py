@@ -80,6 +80,11 @@ def zero_degenerate(maps: Tensor) -> Tensor:
     return torch.where(degenerate(maps).view(-1, *([1] * (maps.ndim - 1))), torch.zeros_like(maps), maps)
 
 
+def zero_degenerate_stack(maps: Tensor) -> Tensor:
+    """:func:`zero_degenerate` over every ``[h, w]`` map of a ``[..., h, w]`` stack (e.g. ``[M, B, h, w]``)."""
+    return zero_degenerate(maps.reshape(-1, *maps.shape[-2:])).view_as(maps)
+
+
 def unit_mass(maps: Tensor) -> Tensor:
     """Divide each map by its sum; degenerate maps (see :func:`degenerate`) become all zeros.
 

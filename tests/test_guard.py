@@ -117,11 +117,28 @@ def test_a_half_precision_model_is_refused_with_the_fix(small_cnn: nn.Module) ->
     assert all(p.dtype == torch.bfloat16 for p in half.parameters())  # refused, not converted
 
 
-def test_a_model_with_nan_weights_gets_degenerate_maps_not_nan(small_cnn: nn.Module) -> None:
+@pytest.mark.parametrize("method", [GradCAM, ExpectedGradCAM, IntegratedGradCAM])
+def test_a_model_with_nan_weights_gets_degenerate_maps_not_nan(small_cnn: nn.Module, method: type) -> None:
     with torch.no_grad():
         small_cnn.features[0].weight[0, 0, 0, 0] = float("nan")
-    maps = GradCAM(small_cnn, "features")(torch.randn(2, 1, 16, 16), targets=0, output_size="input")
+    x = torch.randn(2, 1, 16, 16)
+    references = dict(references=torch.randn(4, 1, 16, 16)) if method is ExpectedGradCAM else {}
+    explainer = method(small_cnn, "features", **references)
+    maps = explainer(x, targets=0, output_size="input")
     assert maps.shape == (2, 16, 16) and bool((maps == 0).all())
+    assert bool((explainer.explain(x, targets=0).maps == 0).all())  # the result itself, not only __call__
+
+
+def test_gad_result_maps_holding_a_non_finite_value_are_zeroed_as_a_whole() -> None:
+    from lightning_xcam.methods.gad import GADResult
+
+    base = torch.ones(2, 3, 2, 2)
+    base[1, 2, 0, 0] = float("inf")
+    maps = torch.ones(3, 2, 2)
+    maps[0, 1, 1] = float("nan")
+    result = GADResult(maps=maps, base_maps=base, mask=torch.ones(3, 2, 2, dtype=torch.bool), targets=torch.zeros(3))
+    assert result.maps.sum(dim=(1, 2)).tolist() == [0.0, 4.0, 4.0]
+    assert result.base_maps.sum(dim=(2, 3)).tolist() == [[4.0, 4.0, 4.0], [4.0, 4.0, 0.0]]
 
 def test_guard_inside_inference_mode_and_no_grad(small_cnn: nn.Module) -> None:
     with torch.inference_mode():

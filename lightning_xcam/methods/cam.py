@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_xcam._checks import Targets, check_images, resolve_targets, targets_tensor
-from lightning_xcam.maps import OutputSize, resolve_output_size, upsample, zero_degenerate
+from lightning_xcam.maps import OutputSize, resolve_output_size, upsample, zero_degenerate_stack
 from lightning_xcam.methods._guard import explanation_context, fresh_input, hooked, model_device
 from lightning_xcam.methods.layers import LayerSpec, resolve_layer
 
@@ -152,7 +152,8 @@ class CAMResult:
     """Output of :meth:`_CAM.explain` for ``M`` hooked heads and ``B`` images.
 
     Attributes:
-        maps: Raw non-negative float32 maps ``[M, B, h, w]`` at layer resolution.
+        maps: Raw non-negative float32 maps ``[M, B, h, w]`` at layer resolution; a map that would hold a
+            non-finite value (NaN weights, overflowing gradients) is all zeros, i.e. degenerate, never NaN.
         weights: Channel weights ``[M, B, D]`` where the method has one weight per channel, else ``None``.
         targets: The explained class of every image ``[B]``.
     """
@@ -160,6 +161,9 @@ class CAMResult:
     maps: Tensor
     weights: Tensor | None
     targets: Tensor
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "maps", zero_degenerate_stack(self.maps))
 
 
 class _CAM:
@@ -218,7 +222,7 @@ class _CAM:
             degenerate, never NaN.
         """
         maps = self.explain(x, targets, sample_ids=sample_ids, stream=stream).maps[0]
-        return upsample(zero_degenerate(maps), resolve_output_size(output_size, x))
+        return upsample(maps, resolve_output_size(output_size, x))
 
     def explain(
         self, x: Tensor, targets: Targets = None, *, sample_ids: Tensor | None = None, stream: int = 0

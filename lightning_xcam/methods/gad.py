@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_xcam._checks import Targets, check_images
-from lightning_xcam.maps import OutputSize, degenerate, resolve_output_size, upsample
+from lightning_xcam.maps import OutputSize, degenerate, resolve_output_size, upsample, zero_degenerate_stack
 from lightning_xcam.methods._guard import explanation_context, fresh_input, hooked
 from lightning_xcam.methods.cam import (
     ExpectedGradCAM,
@@ -73,6 +73,7 @@ class GADResult:
     Attributes:
         maps: GAD maps ``[B, h, w]``: the original model's base map inside the fused mask.
         base_maps: The base maps of every model before fusion ``[M, B, h, w]`` (index 0: the original).
+            In both, a map that would hold a non-finite value is all zeros (degenerate), never NaN.
         mask: The fused mask ``[B, h, w]`` (bool).
         targets: The explained class of every image ``[B]``.
     """
@@ -81,6 +82,10 @@ class GADResult:
     base_maps: Tensor
     mask: Tensor
     targets: Tensor
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "maps", zero_degenerate_stack(self.maps))
+        object.__setattr__(self, "base_maps", zero_degenerate_stack(self.base_maps))
 
 
 # --------------------------------------------------------------------------- the split and the heads
