@@ -499,6 +499,51 @@ def test_fit_and_explain_leave_no_trace(trained) -> None:
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
 
 
+def test_user_hooks_do_not_run_on_support_copies(trained) -> None:
+    net, x_fit, x_probe, _ = trained
+    net = copy.deepcopy(net)
+    seen: list[int] = []
+    net.head.register_forward_hook(lambda module, _i, _o: seen.append(id(module)))
+    gad = GAD(net, "features", base="gradcam", steps=5, r2_threshold=float("-inf"))
+    gad.fit(x_fit[:64])
+    gad(x_probe[:2])
+    assert seen and set(seen) == {id(net.head)}  # the model's own passes only, never a copy's
+
+
+class _BatchNormHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_refit_after_the_model_moved_uses_its_new_buffers() -> None:
+    net = _BatchNormHead().eval()
+    with torch.no_grad():
+        net.head[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(64, 1, 8, 8)
+    gad = GAD(net, "features", base="gradcam", split="features", steps=5, r2_threshold=float("-inf"))
+    gad.fit(x)
+    net._apply(lambda t: t.clone())  # what ``net.to(device)`` does: parameters keep their objects, buffers do not
+    with torch.no_grad():
+        net.head[1].running_mean.add_(1.0)  # statistics that move with later training
+    gad.fit(x)
+    torch.testing.assert_close(gad.explain(x[:4]).base_maps[0], GradCAM(net, "features")(x[:4]), rtol=1e-5, atol=1e-9)
+
+
+def test_a_failed_fit_keeps_the_previous_supports(trained) -> None:
+    net, x_fit, x_probe, _ = trained
+    gad = GAD(net, "features", base="gradcam", steps=5, r2_threshold=float("-inf"))
+    gad.fit(x_fit[:64])
+    before = gad(x_probe[:2])
+    with pytest.raises(RuntimeError):
+        gad.fit(x_fit[:8].repeat(1, 3, 1, 1))  # wrong channel count: the model itself refuses it
+    torch.testing.assert_close(gad(x_probe[:2]), before)
+
+
 def test_diagnostics_keys_and_mask_stability(trained, gad_gradcam) -> None:
     _, _, x_probe, _ = trained
     ids = torch.arange(100, 108)

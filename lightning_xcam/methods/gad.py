@@ -19,7 +19,7 @@ user's model in which the trunk modules are swapped for pass-throughs and the sp
 returns the cached trunk output; copy 0 shares every tensor with the original, so it *is* the original's
 tail. This needs a self-contained tail: nothing after the split may read a trunk value other than the
 split's output (true for ``nn.Sequential`` stages, ResNets, VGGs). :meth:`GAD.fit` checks that copy 0
-reproduces the original logits on the fit set and raises otherwise; then pass another ``split`` or
+reproduces the original logits on the first (at most 64) fit items and raises otherwise; then pass another ``split`` or
 ``shared_trunk=False``.
 
 Automatic split: when the gradient at the CAM layer depends on the input (a non-linear head follows it),
@@ -307,6 +307,19 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name), child, module)
 
 
+def _drop_user_hooks(copy_of_model: nn.Module) -> None:
+    """Remove the user's module hooks from a copy (a deep copy keeps them, and an activation logger would
+    then see every support); torch's own hooks (weight norm, pruning) are part of the computation and stay."""
+    for module in copy_of_model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks,
+                      module._backward_hooks):
+            for key in [k for k, hook in hooks.items() if not (getattr(hook, "__module__", None) or "").startswith("torch.")]:
+                del hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+
+
 def _head(model: nn.Module, plan: _Plan, feed: _Feed, trainable: bool) -> nn.Module:
     """A copy of ``model`` as a head: trunk modules swapped, every tensor shared except (if ``trainable``)
     the tail parameters, which are fresh copies of the current values."""
@@ -314,6 +327,7 @@ def _head(model: nn.Module, plan: _Plan, feed: _Feed, trainable: bool) -> nn.Mod
     memo: dict[int, Any] = {id(p): p for n, p in model.named_parameters() if n not in own}
     memo.update({id(b): b for b in model.buffers()})
     head = copy.deepcopy(model, memo)
+    _drop_user_hooks(head)
     for name in plan.trunk:
         _set_module(head, name, _Inject(feed) if name == plan.split else _PassThrough())
     for name, param in head.named_parameters():
@@ -553,10 +567,10 @@ class GAD:
     element-wise operations instead of a forward and backward pass through the tail's convolutions; the
     maps still differ in space, because the trained normalisation sets which cells of each channel pass
     the block's final ReLU. Each support starts from the original's current tail plus its offset from
-    the previous fit (warm start; zero on the first fit), and from the least-squares output offset when the
-    logits come straight out of an ``nn.Linear`` with a bias (a constant added to the logits changes no
-    gradient, so this exact step costs nothing in the maps and fixes the constant part of the shift and of
-    any staleness at once). Adam steps follow until every support reaches ``r2_target`` (checked before
+    the previous fit (warm start; zero on the first fit). When the logits come straight out of an
+    ``nn.Linear`` with a bias, every fit ends by adding the least-squares output offset to that bias (a
+    constant added to the logits changes no gradient, so this exact step costs nothing in the maps and
+    fixes the constant part of the shift and of any staleness at once). Adam steps follow until every support reaches ``r2_target`` (checked before
     each step, so a fit whose supports still fit takes no step at all) or the budget runs out (``steps``
     on the first fit, ``warm_steps`` after). A warm support still below ``r2_threshold`` is reset to the
     original's tail and refit with the ``steps`` budget; a support that ends below it is excluded with a
@@ -592,7 +606,7 @@ class GAD:
         lr: Adam learning rate of the ``λ = 1`` support; support ``i`` uses ``lr·λ_i`` (the parameter change
             it needs grows with its shift).
         r2_threshold: A support whose fit R² ends below this is excluded (with a warning); ``-inf`` keeps
-            every support.
+            every support whose R² is a number (a diverged fit, R² NaN, is always excluded).
         r2_target: A fit stops as soon as every support it trains reaches this R² (``inf``: never early).
         min_margin: Floor of the median margin ``s`` in logits. The default 0 keeps ``α`` proportional to
             the model's own margins, so GAD does not depend on the logit scale and a barely trained model
@@ -676,7 +690,7 @@ class GAD:
         self._original: nn.Module | None = None
         self._original_view: nn.Module | None = None
         self._bias: str | None = None
-        self._structure: tuple[int, ...] = ()
+        self._structure: tuple[Any, ...] = ()
         self._versions: list[int] = []
         self._fits = 0
         self._previous_masks: dict[tuple[int, int], Tensor] = {}
@@ -752,7 +766,10 @@ class GAD:
             if self._base is None:
                 bank = x[torch.linspace(0, x.shape[0] - 1, min(_DEFAULT_BANK, x.shape[0]), device=device).long()]
                 self._base = ExpectedGradCAM(self.model, self._layer_name, references=bank, **self._base_kwargs)
-            structure = tuple(id(p) for p in self.model.parameters())
+            # Heads share the model's tensor objects and own copies of the tail on its device: a replaced
+            # buffer (``model.to(device)`` makes new ones) or a moved parameter makes them stale.
+            structure = (tuple((id(p), p.device) for p in self.model.parameters()),
+                         tuple(id(b) for b in self.model.buffers()))
             rebuilt = self._plan is None or structure != self._structure
             try:
                 if rebuilt:
@@ -765,7 +782,8 @@ class GAD:
                         self._build(self._make_plan(x, light=False), x)
                         cuts = None
             except Exception:
-                self._plan = None  # a refused split must be analysed again, not reused
+                if rebuilt:
+                    self._plan = None  # a refused split must be analysed again, not reused
                 raise
             self._structure = structure
             self._fit_supports(x, feeds, cuts, logits)
