@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_xcam import GAD
 from lightning_xcam.demos import SmallCNN, load_digits_tensors
 from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM
-from lightning_xcam.methods.gad import _AffineNorm, _hull_fraction
+from lightning_xcam.methods.gad import _AffineNorm, _hull_fraction, _r2
 from lightning_xcam.methods.input_gradients import INPUT_GRADIENT_METHODS, InputGradients, SingleModel
 
 SIZE = 16
@@ -115,13 +115,13 @@ def test_warm_fit_restarts_from_previous_offsets(trained) -> None:
 def test_bad_support_is_excluded_with_warning_and_a_stale_one_is_refit(trained) -> None:
     net, x_fit, x_probe, _ = trained
     net = copy.deepcopy(net)
-    gad = GAD(net, "features", base="gradcam", lambdas=(1.0, 64.0), steps=40, warm_steps=0, r2_threshold=0.95)
+    gad = GAD(net, "features", base="gradcam", lambdas=(1.0, 64.0), steps=100, warm_steps=0, r2_threshold=0.95)
     with pytest.warns(UserWarning, match="excluded"):
         gad.fit(x_fit[:256])
     d = gad.diagnostics
     assert d["active"] == [True, False] and d["fit_r2"][1] < 0.95 and d["refit"] == [False, False]
-    # each support trains until it reaches r2_target: the one that cannot spends the whole budget
-    assert d["steps"][1] == 40 and d["steps"][0] < 40 and not d["fallback"]
+    # each support trains until it reaches its targets: the one that cannot spends the whole budget
+    assert d["steps"][1] == 100 and d["steps"][0] < 100 and not d["fallback"]
     result = gad.explain(x_probe[:8])
     assert result.base_maps.shape[0] == 1 + sum(d["active"])
     with pytest.raises(RuntimeError, match="excluded"):
@@ -133,6 +133,46 @@ def test_bad_support_is_excluded_with_warning_and_a_stale_one_is_refit(trained) 
         gad.fit(x_fit[:256])
     d = gad.diagnostics
     assert d["refit"] == [True, False] and d["active"][0] and d["fit_r2"][0] >= 0.95
+
+
+def test_every_support_learns_its_shift_even_when_the_r2_is_high_from_the_start(trained) -> None:
+    """On a well-trained model the small-λ shift is tiny next to the logits' spread: an unchanged copy of
+    the original already scores R² ≥ 0.95. The early stop also asks for ``shift_target`` of the shift, so
+    every support trains and explains differently from the original."""
+    net, x_fit, x_probe, _ = trained
+    gad = GAD(net, "features", base="gradcam")
+    before = _r2_of_unchanged_copy(gad, net, x_fit[:256])
+    assert before[0] >= 0.95  # the trap: the λ = 0.5 support would "fit" without a single step
+    gad.fit(x_fit[:256])
+    d = gad.diagnostics
+    assert min(d["steps"]) > 0 and min(d["shift_r2"]) >= 0.5 and all(d["active"])
+    maps = gad.explain(x_probe).base_maps
+    change = (maps[1:] - maps[0]).abs().amax(dim=(1, 2, 3)) / maps[0].abs().max()
+    assert bool((change > 0.05).all())
+
+
+def _r2_of_unchanged_copy(gad: GAD, net: nn.Module, x: torch.Tensor) -> list[float]:
+    """The R² (output offset free) each support's targets give the original itself."""
+    with torch.no_grad():
+        z = net(x)
+    _, others, margin = gad._targets(z)
+    goals = torch.stack([z - lam * margin * others for lam in gad.lambdas])
+    return _r2(z.expand_as(goals), goals, centered=True).tolist()
+
+
+def test_shift_r2_hand_cases() -> None:
+    original = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]]])
+    shift = torch.tensor([[[0.0, -1.0], [-1.0, 0.0], [0.0, -1.0]]])
+    target = original + shift
+    assert _r2(original, target, shift=shift).item() == pytest.approx(0.0)  # nothing made
+    assert _r2(target, target, shift=shift).item() == pytest.approx(1.0)  # all of it
+    # half of it: residual Σ(shift/2)² = 4·0.25 = 1 of Σshift² = 4 (uncentred: no free constant)
+    assert _r2(original + shift / 2, target, shift=shift).item() == pytest.approx(0.75)
+    # centred: column means (-1/3, -2/3) are free, Σ(shift − mean)² = 2/3 + 2/3 = 4/3; made: all but the constant
+    assert _r2(original + shift - 5.0, target, centered=True, shift=shift).item() == pytest.approx(1.0)
+    assert _r2(original, target, centered=True, shift=shift).item() == pytest.approx(0.0, abs=1e-6)
+    constant = torch.full_like(shift, -1.0)  # a shift that is constant per output: nothing left to learn
+    assert _r2(original, original + constant, centered=True, shift=constant).item() == 1.0
 
 
 def test_unchanged_model_refresh_takes_no_step(trained) -> None:
