@@ -208,8 +208,8 @@ def ssim_distance(p: Tensor, q: Tensor, win_size: int = 7, k1: float = 0.01, k2:
     maps of the pair (``max(P ∪ Q) − min(P ∪ Q)``): a ``win_size²`` uniform window, sample covariance
     (``N / (N − 1)``), ``C1 = (k1 R)²``, ``C2 = (k2 R)²``, and the mean taken over the window centres
     whose window lies inside the map (skimage crops ``(win_size − 1) // 2`` cells at each border, so
-    its border padding never enters the mean). A pair with ``R = 0`` is two equal constant maps:
-    SSIM 1.
+    its border padding never enters the mean). A pair whose ``R`` is within a few rounding units of
+    its values (``R ≤ 4·eps·max|P ∪ Q|``) is two equal constant maps: SSIM 1.
 
     Args:
         p: Maps ``[B, h, w]`` with ``h, w >= win_size``.
@@ -245,19 +245,27 @@ def ssim_distance(p: Tensor, q: Tensor, win_size: int = 7, k1: float = 0.01, k2:
 
     n = win_size * win_size
     cov_norm = n / (n - 1)
-    ux, uy = mean(x), mean(y)
-    vx = cov_norm * (mean(x * x) - ux * ux)
-    vy = cov_norm * (mean(y * y) - uy * uy)
-    vxy = cov_norm * (mean(x * y) - ux * uy)
     both = torch.cat([p.flatten(1), q.flatten(1)], dim=1).double()
     data_range = (both.amax(dim=1) - both.amin(dim=1)).view(-1, 1, 1, 1)
+    # (Co)variances are shift-invariant: taking them about the pair's mean keeps their rounding far below
+    # C2 when the range is tiny next to the values (nearly constant maps), where E[x²] − E[x]² is noise.
+    centre = both.mean(dim=1).view(-1, 1, 1, 1)
+    xc, yc = x - centre, y - centre
+    uxc, uyc = mean(xc), mean(yc)
+    vx = cov_norm * (mean(xc * xc) - uxc * uxc).clamp_min(0)
+    vy = cov_norm * (mean(yc * yc) - uyc * uyc).clamp_min(0)
+    vxy = cov_norm * (mean(xc * yc) - uxc * uyc)
+    ux, uy = uxc + centre, uyc + centre
     c1 = (k1 * data_range) ** 2
     c2 = (k2 * data_range) ** 2
     num = (2 * ux * uy + c1) * (2 * vxy + c2)
     den = (ux * ux + uy * uy + c1) * (vx + vy + c2)
     ssim_map = num / den.clamp_min(torch.finfo(torch.float64).tiny)
     ssim = ssim_map.flatten(1).mean(dim=1)
-    ssim = torch.where(data_range.flatten() > 0, ssim, torch.ones_like(ssim))
+    # Two maps equal up to the rounding of their own dtype are two equal constant maps: SSIM 1.
+    scale = both.abs().amax(dim=1)
+    constant = data_range.flatten() <= 4 * torch.finfo(p.dtype).eps * scale
+    ssim = torch.where(constant, torch.ones_like(ssim), ssim)
     return _mask_invalid((1.0 - ssim).to(p.dtype), p, q)
 
 

@@ -249,3 +249,15 @@ def test_drift_trend_state_round_trip_is_plain_python() -> None:
         restored.load_state_dict({"version": 99})
     with pytest.raises(ValueError, match="`u`"):
         trend.update(float("nan"))
+
+
+def test_ssim_of_constant_maps_from_a_one_cell_layer_is_zero_not_infinite() -> None:
+    # 1×1 CAMs (ResNet layer4 at 32×32) become constant 16×16 drift maps equal up to one rounding unit,
+    # where E[x²] − E[x]² was pure noise against C2 ≈ 0 and SSIM came out infinite.
+    torch.manual_seed(0)
+    p, q = drift_maps(torch.rand(256, 1, 1) * 10), drift_maps(torch.rand(256, 1, 1) * 10)
+    assert torch.equal(ssim_distance(p, q), torch.zeros(256))
+    # maps equal up to one float32 rounding unit of their values are the same constant map
+    base = torch.full((8, 16, 16), 3.0)
+    jitter = torch.randint(0, 2, base.shape) * torch.finfo(torch.float32).eps * 6.0
+    assert torch.equal(ssim_distance(base + jitter, base), torch.zeros(8))
