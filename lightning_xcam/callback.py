@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -194,9 +194,8 @@ class ExplanationMonitor(Callback):
         _check_int("seed", seed, 0)
         if batch_size is not None:
             _check_int("batch_size", batch_size, 1)
-        methods, metrics = tuple(methods), tuple(metrics)
-        _check_names("methods", methods, METHODS)
-        _check_names("metrics", metrics, METRICS)
+        methods = _check_names("methods", methods, METHODS)
+        metrics = _check_names("metrics", metrics, METRICS)
         if on_alert not in ("warn", "stop"):
             raise MisconfigurationException(f"`on_alert` must be 'warn' or 'stop', got {on_alert!r}.")
         if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0):
@@ -783,12 +782,19 @@ class _ProbeData:
                     )
                 indices = torch.randperm(n, generator=generator)[: monitor.num_probe].tolist()
                 probe_idx = set(indices) if probe_set is train else None
-            x, masks = _stack([probe_set[i] for i in indices])
+            source = "`probe`" if monitor.probe is not None else "the validation dataset" if probe_set is not train else "the training dataset"
+            x, masks = _stack([probe_set[i] for i in indices], source)
             if train is None:
                 raise MisconfigurationException("ExplanationMonitor needs the training dataset for its reference bank.")
             pool = [i for i in torch.randperm(len(train), generator=generator).tolist() if not probe_idx or i not in probe_idx]
-            references = _stack([train[i] for i in pool[: monitor.num_references]])[0]
-            fit = _stack([train[i] for i in pool[: monitor.num_fit]])[0]
+            references = _stack([train[i] for i in pool[: monitor.num_references]], "the training dataset")[0]
+            fit = _stack([train[i] for i in pool[: monitor.num_fit]], "the training dataset")[0]
+        if x.shape[1:] != references.shape[1:]:
+            raise MisconfigurationException(
+                f"the probe images from {source} have shape {tuple(x.shape[1:])} but the training images "
+                f"{tuple(references.shape[1:])}; Expected Grad-CAM's references come from the training data, so "
+                "the probe must have the same channels and size (resize it like the training data)."
+            )
         if monitor.spurious_masks is not None:
             masks = monitor.spurious_masks.bool().cpu()
             if masks.shape != (x.shape[0], *x.shape[-2:]):
@@ -831,21 +837,37 @@ def _dataset(loaders: Any) -> Any:
     return getattr(loaders, "dataset", None)
 
 
-def _stack(items: list[Any]) -> tuple[Tensor, Tensor | None]:
+def _stack(items: list[Any], source: str) -> tuple[Tensor, Tensor | None]:
     """Images and, when the items carry them, masks; labels are not read (the explained class is the
-    model's own prediction, ALGORITHMS.md §1.2, see ``predict_targets``)."""
+    model's own prediction, ALGORITHMS.md §1.2, see ``predict_targets``). ``source`` names the dataset in
+    errors."""
     if not items:
-        raise MisconfigurationException("ExplanationMonitor drew no items; the dataset is empty.")
+        raise MisconfigurationException(f"ExplanationMonitor drew no items from {source}; it is empty.")
     first = items[0]
     if isinstance(first, Tensor):
         return torch.stack([i.float() for i in items]), None
+    if not isinstance(first, (tuple, list)) or not first:
+        raise _item_error(source, f"dict items with keys {sorted(map(str, first))[:8]}" if isinstance(first, Mapping)
+                          else f"{type(first).__name__} items")
     columns = list(zip(*items))
-    x = torch.stack([torch.as_tensor(v).float() for v in columns[0]])
+    try:
+        x = torch.stack([torch.as_tensor(v).float() for v in columns[0]])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise _item_error(source, f"{type(first).__name__} items whose first element is a {type(first[0]).__name__}") from error
     # A third column is a mask only when it has the images' size (a sample weight or a box is not).
     third = [torch.as_tensor(v) for v in columns[2]] if len(columns) > 2 else []
     if third and all(t.squeeze().shape == x.shape[-2:] for t in third):
         return x, torch.stack([t.squeeze().bool() for t in third])
     return x, None
+
+
+def _item_error(source: str, got: str) -> MisconfigurationException:
+    """The error for dataset items the monitor cannot read as images."""
+    return MisconfigurationException(
+        f"ExplanationMonitor reads the items of {source} (dataset[i], before any collate_fn or batch transfer "
+        f"hook) as an image tensor or an (x, y[, mask]) tuple of equally shaped images, got {got}. Pass "
+        "`probe=` a dataset of such items, e.g. TensorDataset(images, labels)."
+    )
 
 
 def _alert_markdown(alert: Alert) -> str:
@@ -873,12 +895,16 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise MisconfigurationException(f"`{name}` must be an int >= {minimum}, got {value!r}.")
 
 
-def _check_names(name: str, values: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+def _check_names(name: str, values: str | Sequence[str], allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """``values`` as a tuple of known names (a single name is a one-name tuple), each named once."""
+    values = (values,) if isinstance(values, str) else tuple(values)
+    choices = ", ".join(repr(a) for a in allowed)
+    if not values and name == "methods":
+        raise MisconfigurationException(f"`methods` is empty; name at least one of {choices}.")
     unknown = [v for v in values if v not in allowed]
-    if unknown or not values and name == "methods":
-        raise MisconfigurationException(
-            f"`{name}` has unknown entries {unknown or values}; choose from {', '.join(repr(a) for a in allowed)}."
-        )
+    if unknown:
+        raise MisconfigurationException(f"`{name}` has unknown entries {unknown}; choose from {choices}.")
     repeated = sorted({v for v in values if values.count(v) > 1})
     if repeated:
         raise MisconfigurationException(f"`{name}` lists {repeated} more than once; name each entry once.")
+    return values

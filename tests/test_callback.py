@@ -211,6 +211,8 @@ def test_store_survives_a_process_killed_mid_evaluation(tmp_path: Path) -> None:
         ({"num_probe": 0}, "num_probe"),
         ({"max_overhead": 0.0}, "max_overhead"),
         ({"methods": ("gradcam", "gradcam")}, "more than once"),
+        ({"methods": ()}, "`methods` is empty"),
+        ({"methods": "gadd"}, r"unknown entries \['gadd'\]"),
         ({"metrics": ("insertion", "insertion")}, "more than once"),
         ({"seed": "0"}, "seed"),
         ({"spurious_masks": [[0, 1]]}, r"spurious_masks.*\[P, H, W\]"),
@@ -222,6 +224,11 @@ def test_bad_arguments_fail_at_construction(kwargs: dict, match: str) -> None:
         ExplanationMonitor(**kwargs)
 
 
+def test_a_single_method_or_metric_name_is_a_one_name_tuple() -> None:
+    monitor = ExplanationMonitor(methods="gad", metrics="deletion")
+    assert monitor.methods == ("gad",) and monitor.metrics == ("deletion",)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -229,6 +236,10 @@ def test_bad_arguments_fail_at_construction(kwargs: dict, match: str) -> None:
         ({"target_layer": "net.head.0"}, "spatial"),
         ({"num_probe": 5000}, "larger than the dataset"),
         ({"probe": TensorDataset(torch.zeros(0, 1, 16, 16), torch.zeros(0, dtype=torch.long))}, "empty"),
+        ({"probe": [{"image": torch.zeros(1, 16, 16), "label": 0}] * 6}, r"`probe`.*got dict items with keys \['image', 'label'\]"),
+        ({"probe": [1, 2, 3, 4, 5, 6]}, r"`probe`.*\(x, y\[, mask\]\) tuple.*got int items"),
+        ({"probe": [("not an image", 0)] * 6}, r"got tuple items whose first element is a str"),
+        ({"probe": TensorDataset(torch.zeros(6, 1, 20, 20), torch.zeros(6))}, r"shape \(1, 20, 20\) but the training images \(1, 16, 16\)"),
         ({"probe": TensorDataset(torch.zeros(6, 1, 16, 16), torch.zeros(6)), "spurious_masks": torch.zeros(5, 16, 16)},
          r"one \[H, W\] mask per probe item"),
     ],
