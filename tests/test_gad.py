@@ -644,3 +644,11 @@ def test_errors(trained) -> None:
         GAD(net, "features.4", base="gradcam", split="features.8").fit(x_fit[:32])
     with pytest.raises(TypeError, match="x_fit"):
         GAD(net, "features", base="gradcam").fit([1, 2])  # type: ignore[arg-type]
+
+
+def test_a_whole_tail_fallback_is_announced() -> None:
+    # ResNet-18's layer3 as CAM layer: the last convolution after it sits inside a residual block, no clean
+    # cut, so the supports train all of layer4 + fc: slow fits the user should hear about.
+    net = torchvision.models.resnet18(num_classes=5).eval()
+    with pytest.warns(UserWarning, match=r"train the whole tail: 17 tensors"):
+        GAD(net, "layer3", base="gradcam", steps=1, r2_threshold=float("-inf")).fit(torch.randn(8, 3, 32, 32))

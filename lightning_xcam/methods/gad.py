@@ -837,6 +837,17 @@ class GAD:
         plan = _plan(self.model, calls, split, layer)
         if light and self.trainable == "after_last_conv":
             plan = _light_plan(self.model, calls, plan, layer)
+            convolutions = {n for n, m in self.model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+            if plan.cut is None and any(n.rpartition(".")[0] in convolutions for n in plan.tail_params):
+                params = dict(self.model.named_parameters())
+                warnings.warn(
+                    f"GAD cannot limit its supports to what follows the last convolution after `split={plan.split!r}` "
+                    f"(that cut is not a clean stage), so they train the whole tail: {len(plan.tail_params)} tensors, "
+                    f"{sum(params[n].numel() for n in plan.tail_params):,} values, and every fit step runs the tail's "
+                    "convolutions, which can take minutes per fit. A CAM layer nearer the output (for the monitor: "
+                    "`target_layer`) or a `split=` inside the last stage keeps fits cheap.",
+                    stacklevel=3,
+                )
         return plan
 
     def _linear_tail(self, x: Tensor, layer: str) -> bool:
