@@ -789,7 +789,7 @@ class _ProbeData:
             pool = [i for i in torch.randperm(len(train), generator=generator).tolist() if not probe_idx or i not in probe_idx]
             references = _stack([train[i] for i in pool[: monitor.num_references]], "the training dataset")[0]
             fit = _stack([train[i] for i in pool[: monitor.num_fit]], "the training dataset")[0]
-        if x.shape[1:] != references.shape[1:]:
+        if {"expected_gradcam", "gad"} & set(monitor.methods) and x.shape[1:] != references.shape[1:]:
             raise MisconfigurationException(
                 f"the probe images from {source} have shape {tuple(x.shape[1:])} but the training images "
                 f"{tuple(references.shape[1:])}; Expected Grad-CAM's references come from the training data, so "

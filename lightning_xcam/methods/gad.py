@@ -307,27 +307,14 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name), child, module)
 
 
-def _drop_user_hooks(copy_of_model: nn.Module) -> None:
-    """Remove the user's module hooks from a copy (a deep copy keeps them, and an activation logger would
-    then see every support); torch's own hooks (weight norm, pruning) are part of the computation and stay."""
-    for module in copy_of_model.modules():
-        for hooks in (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks,
-                      module._backward_hooks):
-            for key in [k for k, hook in hooks.items() if not (getattr(hook, "__module__", None) or "").startswith("torch.")]:
-                del hooks[key]
-                module._forward_pre_hooks_with_kwargs.pop(key, None)
-                module._forward_hooks_with_kwargs.pop(key, None)
-                module._forward_hooks_always_called.pop(key, None)
-
-
 def _head(model: nn.Module, plan: _Plan, feed: _Feed, trainable: bool) -> nn.Module:
     """A copy of ``model`` as a head: trunk modules swapped, every tensor shared except (if ``trainable``)
-    the tail parameters, which are fresh copies of the current values."""
+    the tail parameters, which are fresh copies of the current values. The copy keeps the modules' hooks:
+    a hook may be part of the computation (a temperature, a mask), so it runs on every support too."""
     own = set(plan.tail_params) if trainable else set()
     memo: dict[int, Any] = {id(p): p for n, p in model.named_parameters() if n not in own}
     memo.update({id(b): b for b in model.buffers()})
     head = copy.deepcopy(model, memo)
-    _drop_user_hooks(head)
     for name in plan.trunk:
         _set_module(head, name, _Inject(feed) if name == plan.split else _PassThrough())
     for name, param in head.named_parameters():
@@ -623,7 +610,8 @@ class GAD:
         shift_target: ...and has made this share of its requested shift ``−α_i·1[j ≠ ŷ]``
             (``diagnostics["shift_r2"]``). Needed because the R² counts the logits' own spread: when ``α``
             is small next to it, an unchanged copy of the original already scores R² ≥ 0.95, and its map is
-            the original's. On a CNN trained on digits, 300 steps make 0.75–0.8 of the shift.
+            the original's. On a CNN trained on digits, 300 steps make 0.75–0.8 of the shift. A fit whose
+            budget runs out first keeps its support (only ``r2_threshold`` excludes); read ``shift_r2``.
         min_margin: Floor of the median margin ``s`` in logits. The default 0 keeps ``α`` proportional to
             the model's own margins, so GAD does not depend on the logit scale and a barely trained model
             (margins of 0.01 logit) gets shifts it can fit; a floor of 1 asks such a model for shifts a
@@ -762,8 +750,8 @@ class GAD:
         Cost: one no-grad forward pass of the model over ``x_fit`` plus, per Adam step, a forward and a
         backward pass of the ``k`` support tails (not of the trunk) over the cached trunk outputs. A
         refresh whose supports still fit their targets takes no step. The structural analysis (the split,
-        the self-containment check) runs on the first call only, or again when the model's parameters are
-        replaced by other tensors.
+        the self-containment check) runs on the first call only, or again when the model's parameters or
+        buffers are replaced by other tensors or its parameters move to another device.
 
         Args:
             x_fit: ``[N, C, H, W]`` training images in model-input space, disjoint from the images to
