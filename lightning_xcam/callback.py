@@ -782,7 +782,8 @@ class _ProbeData:
                     )
                 indices = torch.randperm(n, generator=generator)[: monitor.num_probe].tolist()
                 probe_idx = set(indices) if probe_set is train else None
-            source = "`probe`" if monitor.probe is not None else "the validation dataset" if probe_set is not train else "the training dataset"
+            source = ("`probe`" if monitor.probe is not None
+                      else "the training dataset" if probe_set is train else "the validation dataset")
             x, masks = _stack([probe_set[i] for i in indices], source)
             if train is None:
                 raise MisconfigurationException("ExplanationMonitor needs the training dataset for its reference bank.")

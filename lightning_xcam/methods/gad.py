@@ -830,7 +830,8 @@ class GAD:
                 params = dict(self.model.named_parameters())
                 warnings.warn(
                     f"GAD cannot limit its supports to what follows the last convolution after `split={plan.split!r}` "
-                    f"(that cut is not a clean stage), so they train the whole tail: {len(plan.tail_params)} tensors, "
+                    "(that cut is not a clean stage, or would leave only a linear head to train), so they train the "
+                    f"whole tail: {len(plan.tail_params)} tensors, "
                     f"{sum(params[n].numel() for n in plan.tail_params):,} values, and every fit step runs the tail's "
                     "convolutions, which can take minutes per fit. A CAM layer nearer the output (for the monitor: "
                     "`target_layer`) or a `split=` inside the last stage keeps fits cheap.",
