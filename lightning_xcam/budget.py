@@ -57,12 +57,16 @@ class CostBudget:
         ):
             raise ValueError(f"`max_overhead` must be None or a finite float > 0 (0.02 = 2 %), got {share!r}.")
         self.share = None if share is None else float(share)
+        self._clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every total, cost and mark (a new run); the share and the clock stay."""
         self.trained = 0.0
         self.spent = 0.0
         self.costs: dict[str, float] = {}
         self.evaluations = 0
         self.last_run: dict[str, int] = {}
-        self._clock = clock
         self._mark: float | None = None
         self._started: float | None = None
 

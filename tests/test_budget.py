@@ -118,5 +118,17 @@ def test_state_round_trip_keeps_totals_and_costs() -> None:
                                      "evaluations": 1, "last_run": {"insertion": 1}}
 
 
+def test_reset_starts_a_new_run_on_the_same_clock() -> None:
+    budget, clock = _evaluating({"insertion": 4.0})
+    clock.now = 103.0
+    budget.end()
+    budget.reset()
+    assert budget.state_dict() == CostBudget(0.1).state_dict() and budget.overhead == 0.0
+    budget.resume_training()
+    clock.now = 150.0  # the clock given at construction still drives it
+    budget.begin()
+    assert budget.trained == 47.0 and budget.share == 0.1
+
+
 def test_docstring_example() -> None:
     assert doctest.testmod(lightning_xcam.budget).failed == 0

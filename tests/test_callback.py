@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import math
 import signal
 import subprocess
@@ -20,6 +22,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xcam import ExplanationMonitor
+from lightning_xcam.budget import CostBudget
 from lightning_xcam.demos import DigitsClassifier, load_digits_tensors
 from lightning_xcam.methods.cam import ExpectedGradCAM
 from lightning_xcam.methods.gad import GAD
@@ -252,6 +255,15 @@ def test_bad_setup_fails_before_training(tmp_path: Path, kwargs: dict, match: st
     with pytest.raises(MisconfigurationException, match=match):
         _trainer(tmp_path, [monitor], max_epochs=1).fit(model, datamodule=DigitsData())
     assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+
+
+def test_a_budget_given_to_the_monitor_keeps_its_clock_through_fit(tmp_path: Path) -> None:
+    # benchmarks/overhead.py installs a budget whose clock stretches short epochs; a fit must not replace it
+    ticks = itertools.count()
+    monitor = ExplanationMonitor(target_layer="net.features", store=False, **FAST)
+    budget = monitor.budget = CostBudget(monitor.max_overhead, clock=lambda: float(next(ticks)))
+    _trainer(tmp_path, [monitor], max_epochs=1).fit(DigitsModule(), datamodule=DigitsData())
+    assert monitor.budget is budget and budget.evaluations == 1 and budget.trained == float(int(budget.trained)) > 0
 
 
 def test_state_key_names_the_identifying_arguments() -> None:
