@@ -30,7 +30,7 @@ from typing_extensions import override
 
 from lightning_xcam import drift as drift_stats
 from lightning_xcam import metrics as xm
-from lightning_xcam.alerts import Alert, WarningRule, evidence_image, observe
+from lightning_xcam.alerts import Alert, Observation, WarningRule, evidence_image, observe
 from lightning_xcam.budget import CostBudget
 from lightning_xcam.maps import degenerate
 from lightning_xcam.methods._guard import explanation_context, fresh_input, require_float32
@@ -468,7 +468,8 @@ class ExplanationMonitor(Callback):
                 if finite.numel():
                     summaries[f"xcam/{method}/{name}"] = float(finite.mean())
             summaries[f"xcam/{method}/degenerate"] = float(degenerate(maps_by_method[method]).sum())
-        new_alerts = self._check_shortcuts(pl_module, epoch, data.total, maps_by_method, floors)
+        new_alerts, signals = self._check_shortcuts(pl_module, epoch, data.total, maps_by_method, floors)
+        summaries.update(signals)
         summaries["xcam/alert"] = float(bool(new_alerts))
         summaries["xcam/overhead"] = self.budget.overhead
         summaries["xcam/time_s"] = time.perf_counter() - started
@@ -643,8 +644,13 @@ class ExplanationMonitor(Callback):
     def _check_shortcuts(
         self, pl_module: pl.LightningModule, epoch: int, total: int,
         maps_by_method: dict[str, Tensor], floors: dict[str, tuple[Tensor, Tensor]],
-    ) -> list[Alert]:
-        """Feed this evaluation's shortcut signals (on the first stochastic method's maps) to the rule."""
+    ) -> tuple[list[Alert], dict[str, float]]:
+        """Feed this evaluation's shortcut signals (on the first stochastic method's maps) to the rule.
+
+        Returns:
+            The new alerts, and the overall signals as scalars under ``xcam/<method>/`` (so a user sees a
+            signal build up before it alerts, and after an alert, which fires once per episode).
+        """
         assert self._data is not None
         method = self._shortcut_method
         replicate, rows = floors.get(method, (None, None))
@@ -658,7 +664,7 @@ class ExplanationMonitor(Callback):
         for alert in alerts:
             rank_zero_warn(f"ExplanationMonitor: {alert.message}", category=UserWarning)
         self.alerts.extend(alerts)
-        return alerts
+        return alerts, {f"xcam/{method}/{name}": value for name, value in _signal_scalars(observations).items()}
 
     @property
     def _shortcut_method(self) -> str:
@@ -870,6 +876,33 @@ def _item_error(source: str, got: str) -> MisconfigurationException:
         f"hook) as an image tensor or an (x, y[, mask]) tuple of equally shaped images, got {got}. Pass "
         "`probe=` a dataset of such items, e.g. TensorDataset(images, labels)."
     )
+
+
+def _signal_scalars(observations: Sequence[Observation]) -> dict[str, float]:
+    """The overall shortcut signals of one evaluation by logged name (README "What the scalars mean").
+
+    Gaps are the region's effect minus the mean of its equal-area random controls, in probability.
+    """
+    scalars: dict[str, float] = {}
+    for obs in observations:
+        if obs.class_index is not None:
+            continue
+        if obs.kind == "border":
+            scalars["border_mass"] = obs.value
+        elif obs.kind == "cluster":
+            scalars["cluster_focus"] = obs.value
+        elif obs.kind == "spurious_mass":
+            scalars["spurious_mass"] = obs.value
+            if obs.drop_region is not None and obs.drop_random is not None:
+                scalars["spurious_fill_gap"] = obs.drop_region - obs.drop_random
+        elif obs.kind == "intervention":
+            scalars["tiny_region_z"] = obs.value
+            if obs.drop_region is not None and obs.drop_random is not None:
+                scalars["tiny_region_fill_gap"] = obs.drop_region - obs.drop_random
+            if obs.z_transplant is not None and obs.rise_region is not None and obs.rise_random is not None:
+                scalars["tiny_region_transplant_z"] = obs.z_transplant
+                scalars["tiny_region_transplant_gap"] = obs.rise_region - obs.rise_random
+    return scalars
 
 
 def _alert_markdown(alert: Alert) -> str:

@@ -10,6 +10,7 @@ so every run is deterministic and takes a few seconds.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -136,6 +137,13 @@ def test_alert_on_a_model_that_relies_on_a_tag_with_evidence_in_tensorboard(tmp_
     assert "relies on a tiny region" in alert.message and "for random regions of equal area" in alert.message
     assert alert.score >= 2.5 and alert.sample_indices
     assert [h["xcam/alert"] for h in monitor.history] == [0.0, 1.0, 0.0]  # one alert per episode
+    # the signal stays visible as a scalar after its one alert
+    overall = next(a for a in monitor.alerts if a.kind == "intervention" and a.class_index is None)
+    signals = {name: [h[f"xcam/expected_gradcam/{name}"] for h in monitor.history]
+               for name in ("tiny_region_z", "tiny_region_transplant_z", "tiny_region_transplant_gap")}
+    # the fill-in alone does not confirm here (z < 2.5): the transplant did, and the alert reports its z
+    assert max(signals["tiny_region_z"]) < 2.5 and overall.score == signals["tiny_region_transplant_z"][1]
+    assert min(signals["tiny_region_transplant_gap"]) >= 0.15  # WarningRule's min_rise
     events = EventAccumulator(str(tmp_path / "version_0"), size_guidance={"images": 0, "tensors": 0}).Reload()
     assert f"xcam_alerts/{alert.kind}/evidence" in events.Tags()["images"]
     image = events.Images(f"xcam_alerts/{alert.kind}/evidence")[0]
@@ -172,6 +180,24 @@ def test_no_alert_on_the_clean_twin(tmp_path: Path) -> None:
     assert monitor.alerts == []
     assert len(monitor.history) == 3
     assert all(h["xcam/expected_gradcam/degenerate"] < FAST["num_probe"] for h in monitor.history)
+
+
+def test_spurious_mass_with_known_masks_is_logged_exactly(tmp_path: Path) -> None:
+    # The tag reader's maps are zero off the corners (its head reads only the corner channel), so every
+    # non-degenerate map puts all its mass in the corners: ρ = 1 / (corner area share 1/4) = 4; the
+    # object reader's maps are zero on the corners: ρ = 0.
+    data = Digits(tagged=True)
+    x, y = data.val_set.tensors
+    probe = TensorDataset(x[:16], y[:16], _corners().expand(16, 1, SIZE, SIZE))
+    for reads, rho in (("tag", 4.0), ("object", 0.0)):
+        monitor = ExplanationMonitor(**{**FAST, "log_images": 0}, probe=probe, store=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _trainer(tmp_path, [monitor], max_epochs=1, logger=False).fit(TagReader(reads), datamodule=data)
+        (row,) = monitor.history
+        valid = 1 - row["xcam/expected_gradcam/degenerate"] / 16
+        assert 0 < valid and row["xcam/expected_gradcam/spurious_mass"] == pytest.approx(rho * valid, rel=1e-5)
+        assert "xcam/expected_gradcam/spurious_fill_gap" in row and "xcam/expected_gradcam/border_mass" in row
 
 
 def test_stop_on_alert_ends_fit(tmp_path: Path) -> None:
