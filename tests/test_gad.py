@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lightning_xcam import GAD
 from lightning_xcam.demos import SmallCNN, load_digits_tensors
 from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM
-from lightning_xcam.methods.gad import _AffineNorm, _hull_fraction, _r2
+from lightning_xcam.methods.gad import _affine_in, _AffineNorm, _hull_fraction, _r2
 from lightning_xcam.methods.input_gradients import INPUT_GRADIENT_METHODS, InputGradients, SingleModel
 
 SIZE = 16
@@ -448,6 +448,48 @@ def test_linear_head_moves_split_before_cam_layer(trainable: str, trained: tuple
     torch.testing.assert_close(
         result.base_maps[2], GradCAM(gad.support_model(1), "layer4")(x[:4], result.targets), rtol=1e-4, atol=1e-6
     )
+
+
+class _ReluAfterLayer(nn.Module):
+    """A CAM layer (conv + BN) and a linear classifier, with the ReLU between them as a module at the end of
+    the layer or as a functional ``F.relu`` in ``forward`` (DenseNet's spelling): the same function."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.features = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                      *([] if functional else [nn.ReLU()]))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.features(self.stem(x))
+        return self.fc((F.relu(a) if self.functional else a).mean((2, 3)))
+
+
+def test_functional_relu_before_a_linear_classifier_still_moves_the_split() -> None:
+    # With the split at the CAM layer only `fc` would train: deltas linear in the shift (§3.4's degenerate family).
+    x = torch.randn(64, 1, 8, 8)
+    plans = []
+    for functional in (False, True):
+        torch.manual_seed(0)
+        gad = GAD(_ReluAfterLayer(functional).eval(), "features", base="gradcam", steps=2,
+                  r2_threshold=float("-inf"))
+        gad.fit(x)
+        plans.append((gad.split, gad._plan.tail_params))
+    assert plans[0] == plans[1] == ("features.0", ("features.1.weight", "features.1.bias", "fc.weight", "fc.bias"))
+
+
+def test_affine_in_parameters_tells_a_linear_head_from_a_nonlinear_one() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 6)
+    linear = nn.Sequential(nn.ReLU(), nn.Linear(6, 3))
+    bilinear = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 3))  # affine in each layer, not in both together
+    mlp = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    assert _affine_in(linear, x, ["1.weight", "1.bias"])
+    assert _affine_in(bilinear, x, ["1.weight", "1.bias"]) and not _affine_in(bilinear, x, ["0.weight", "1.weight"])
+    assert not _affine_in(mlp, x, ["0.weight", "0.bias", "2.weight", "2.bias"])
+    assert not _affine_in(mlp, x, [])  # nothing to train: no family at all
 
 
 class _Wrapper(nn.Module):

@@ -220,6 +220,44 @@ def _auto_split(model: nn.Module, calls: dict[str, list[tuple[int, int]]], layer
     return fallback
 
 
+def _params_after(model: nn.Module, calls: dict[str, list[tuple[int, int]]], layer: str) -> list[str]:
+    """Names of the parameters whose modules run only after the CAM layer's last call ends."""
+    layer_end = calls[layer][-1][1]
+    return [
+        name
+        for name, _ in model.named_parameters()
+        if (owner := name.rpartition(".")[0]) in calls and all(start > layer_end for start, _ in calls[owner])
+    ]
+
+
+def _affine_in(model: nn.Module, x: Tensor, names: Sequence[str]) -> bool:
+    """Whether the logits on ``x`` are affine in the parameters ``names`` (all others fixed).
+
+    A second difference along a random direction ``d``: ``y(θ + d) + y(θ − d) − 2·y(θ)`` vanishes up to
+    rounding for an affine map, and is of the order of the first difference ``y(θ + d) − y(θ − d)``
+    otherwise, since ``d`` is as large as the parameters themselves (ReLU patterns change, products of
+    parameters move).
+    """
+    if not names:
+        return False
+    params = dict(model.named_parameters())
+    generator = torch.Generator().manual_seed(0)
+    step = {}
+    for name in names:
+        param = params[name].detach()
+        noise = torch.randn(param.shape, generator=generator).to(param)
+        step[name] = noise * param.pow(2).mean().sqrt().clamp_min(1e-3)
+    with torch.no_grad():
+        plain = model(x).float()
+        ahead, behind = (
+            torch.func.functional_call(model, {n: params[n].detach() + sign * step[n] for n in names}, (x,)).float()
+            for sign in (1.0, -1.0)
+        )
+    curvature = (ahead + behind - 2 * plain).abs().amax()
+    slope = (ahead - behind).abs().amax()
+    return bool(slope > 0 and curvature <= 1e-4 * (slope + plain.abs().amax()))
+
+
 def _outside_blocks_of(layer: str, name: str) -> bool:
     """Whether module ``name`` is outside ``layer`` or one of its direct children."""
     if not name.startswith(f"{layer}."):
@@ -821,7 +859,7 @@ class GAD:
             raise ValueError(f"the CAM layer `{layer}` did not run in the model's forward pass.")
         split = self._split_spec
         if split is None:
-            split = _auto_split(self.model, calls, layer, self._linear_tail(x, layer))
+            split = _auto_split(self.model, calls, layer, self._linear_tail(x, layer, calls))
         plan = _plan(self.model, calls, split, layer)
         if light and self.trainable == "after_last_conv":
             plan = _light_plan(self.model, calls, plan, layer)
@@ -839,13 +877,21 @@ class GAD:
                 )
         return plan
 
-    def _linear_tail(self, x: Tensor, layer: str) -> bool:
-        """Whether ``∂y_0/∂A`` at the CAM layer is the same for every input (an affine head)."""
+    def _linear_tail(self, x: Tensor, layer: str, calls: dict[str, list[tuple[int, int]]]) -> bool:
+        """Whether supports trained after the CAM layer would form the degenerate family of ALGORITHMS §3.4.
+
+        That is the case when ``∂y_0/∂A`` at the CAM layer is the same for every input (an affine head), and
+        also when the logits are affine in every parameter that runs after the CAM layer although the head
+        is not affine in ``A`` (a functional ``F.relu`` before global pooling and a linear classifier, as in
+        DenseNet): the fitted deltas are then linear in the requested shift either way.
+        """
         probe = _LayerProbe(self.model, [self.model.get_submodule(layer)])
         sample = x[: min(64, x.shape[0])]  # enough inputs to meet different ReLU patterns in a non-linear head
         _, grads, _ = probe.gradients(sample, torch.zeros(sample.shape[0], dtype=torch.long, device=x.device))
         spread = (grads - grads[:, :1]).abs().amax()
-        return bool(spread <= 1e-6 * grads.abs().amax().clamp_min(1e-12))
+        return bool(spread <= 1e-6 * grads.abs().amax().clamp_min(1e-12)) or _affine_in(
+            self.model, sample, _params_after(self.model, calls, layer)
+        )
 
     def _trunk_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         """Cached trunk outputs (``x`` for full copies), cached cut outputs (``None`` without a cut) and
