@@ -50,10 +50,12 @@ __all__ = [
 
 #: The per-method scalars of the printed table, in order (those present in the run are shown).
 MAIN_COLUMNS: tuple[str, ...] = (
-    "insertion_auc", "deletion_auc", "infidelity", "max_sensitivity", "drift_spearman", "drift_floor_units",
+    "insertion_auc", "deletion_auc", "infidelity", "max_sensitivity", "average_drop", "sparseness", "entropy",
+    "drift_spearman", "drift_floor_units",
 )
 
-_METRIC_CHARTS = ("insertion_auc", "deletion_auc", "insertion_minus_deletion", "infidelity", "max_sensitivity")
+_METRIC_CHARTS = ("insertion_auc", "deletion_auc", "insertion_minus_deletion", "infidelity", "max_sensitivity",
+                  "average_drop", "sparseness", "entropy")
 _DRIFT_CHARTS = ("drift_spearman", "drift_floor_units", "drift_spearman_first", "drift_floor_units_first",
                  "noise_floor", "drift_js")
 # Scalars whose value 1 means "indistinguishable from the explainer's own resampling noise".
@@ -65,6 +67,9 @@ _MEANING = {
     "insertion_minus_deletion": "higher is better",
     "infidelity": "lower is better",
     "max_sensitivity": "lower is better",
+    "average_drop": "lower is better (confidence lost on the map-weighted image)",
+    "sparseness": "Gini index of the map: higher = more concentrated",
+    "entropy": "Shannon entropy of the unit-mass map: lower = more concentrated",
     "drift_spearman": "1 - Spearman rho to the previous evaluation (0 = same ranking)",
     "drift_spearman_first": "1 - Spearman rho to the first evaluation",
     "drift_floor_units": "drift_spearman / noise floor (about 1 = resampling noise)",

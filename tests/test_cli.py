@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_xcam import ExplanationMonitor
+from lightning_xcam.callback import METRICS
 from lightning_xcam.alerts import Alert
 from lightning_xcam.cli import main
 from lightning_xcam.demos import DigitsClassifier, DigitsDataModule
@@ -29,7 +30,7 @@ from lightning_xcam.render import DISPLAY_CONCENTRATION
 from lightning_xcam.report import MAIN_COLUMNS, line_chart
 from lightning_xcam.store import ExplanationStore
 
-FAST = dict(methods=("expected_gradcam",), num_probe=6, n_samples=3, num_references=8, num_fit=48, floor_size=6,
+FAST = dict(methods=("expected_gradcam",), metrics=METRICS, num_probe=6, n_samples=3, num_references=8, num_fit=48, floor_size=6,
             steps=4, n_perturb=3, log_images=2, sensitivity_every=1, max_overhead=None)  # every metric every epoch
 METHOD = "expected_gradcam"
 ERROR = "lightning-xcam: error: "
@@ -134,7 +135,7 @@ def test_table_has_one_row_per_epoch_with_the_stored_numbers(fitted: Path, capsy
     code, out, err = run_cli(capsys, "report", fitted)
     assert code == 0 and err == ""
     header, rows = method_table(out, METHOD)
-    assert header == ["epoch", "step", *MAIN_COLUMNS, "alerts"]  # all six are recorded with sensitivity_every=1
+    assert header == ["epoch", "step", *MAIN_COLUMNS, "alerts"]  # all recorded: every metric, sensitivity_every=1
     with ExplanationStore(fitted / "version_0" / "xcam.sqlite", create=False) as store:
         table = store.summary_table("default")
         per_item = store.metrics(method=METHOD, metric="insertion_auc")
