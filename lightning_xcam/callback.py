@@ -62,6 +62,7 @@ _METRIC_TAGS = {
     "sparseness": "sparseness",
     "entropy": "entropy",
 }
+_USES_REFERENCES = frozenset({"expected_gradcam", "gad"})  # built on the bank of training images (see `_build`)
 _STATE_VERSION = 1
 _SENSITIVITY_SAMPLES = 5  # perturbed copies per item for max-sensitivity (plus the clean explanation)
 
@@ -797,7 +798,7 @@ class _ProbeData:
             pool = [i for i in torch.randperm(len(train), generator=generator).tolist() if not probe_idx or i not in probe_idx]
             references = _stack([train[i] for i in pool[: monitor.num_references]], "the training dataset")[0]
             fit = _stack([train[i] for i in pool[: monitor.num_fit]], "the training dataset")[0]
-        if {"expected_gradcam", "gad"} & set(monitor.methods) and x.shape[1:] != references.shape[1:]:
+        if _USES_REFERENCES & set(monitor.methods) and x.shape[1:] != references.shape[1:]:
             raise MisconfigurationException(
                 f"the probe images from {source} have shape {tuple(x.shape[1:])} but the training images "
                 f"{tuple(references.shape[1:])}; Expected Grad-CAM's references come from the training data, so "
