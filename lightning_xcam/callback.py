@@ -64,6 +64,7 @@ _METRIC_TAGS = {
 }
 _USES_REFERENCES = frozenset({"expected_gradcam", "gad"})  # built on the bank of training images (see `_build`)
 _STATE_VERSION = 1
+_MIN_MAP_CELLS = 16  # below 4×4 cells a map can hardly separate an object from a tag in a corner
 _SENSITIVITY_SAMPLES = 5  # perturbed copies per item for max-sensitivity (plus the clean explanation)
 
 
@@ -384,9 +385,17 @@ class ExplanationMonitor(Callback):
             x = fresh_input(self._data.x[:1], pl_module.device)
             try:
                 name, layer = resolve_layer(pl_module, self.target_layer, x)
-                _LayerProbe(pl_module, [layer]).activations(x)
+                height, width = _LayerProbe(pl_module, [layer]).activations(x)[0].shape[-2:]
             except (ValueError, TypeError) as err:
                 raise MisconfigurationException(f"ExplanationMonitor: {err}") from err
+        if height * width < _MIN_MAP_CELLS:
+            rank_zero_warn(
+                f"ExplanationMonitor: the CAM layer `{name}` gives maps of {height}×{width} cells on these images, too "
+                "coarse to locate much: heatmaps, metrics and the shortcut checks tell little apart at that "
+                "resolution (and GAD's masks mostly equal Expected Grad-CAM's maps). Pass an earlier `target_layer` "
+                f"(one stage before), or use larger images, for maps of at least {_MIN_MAP_CELLS} cells.",
+                category=UserWarning,
+            )
         self.layer_name = name
 
     # ---------------------------------------------------------------------------------------------------

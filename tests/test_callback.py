@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -402,6 +403,22 @@ def test_fast_dev_run_writes_no_store(tmp_path: Path) -> None:
     pl.Trainer(default_root_dir=tmp_path, fast_dev_run=True, accelerator="cpu", enable_progress_bar=False,
                enable_model_summary=False, callbacks=[monitor]).fit(DigitsModule(), datamodule=DigitsData())
     assert not list(tmp_path.rglob("*.sqlite"))
+
+
+@pytest.mark.parametrize(("size", "warns"), [(8, True), (16, False)])  # net.features: 2×2 and 4×4 cells
+def test_a_cam_layer_with_tiny_maps_is_named_with_the_fix(tmp_path: Path, size: int, warns: bool) -> None:
+    x, y = load_digits_tensors(size)
+    loader = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32)
+    monitor = ExplanationMonitor(target_layer="net.features", **{**FAST, "metrics": ()})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [monitor], max_epochs=1, logger=False).fit(DigitsModule(), loader, loader)
+    tiny = [str(w.message) for w in seen if "too coarse" in str(w.message)]
+    assert tiny == ([f"ExplanationMonitor: the CAM layer `net.features` gives maps of 2×2 cells on these images, too "
+                     "coarse to locate much: heatmaps, metrics and the shortcut checks tell little apart at that "
+                     "resolution (and GAD's masks mostly equal Expected Grad-CAM's maps). Pass an earlier "
+                     "`target_layer` (one stage before), or use larger images, for maps of at least 16 cells."]
+                    if warns else [])
 
 
 def test_true_half_precision_fails_before_training_with_the_fix(tmp_path: Path) -> None:
