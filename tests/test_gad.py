@@ -490,6 +490,28 @@ def test_affine_in_parameters_tells_a_linear_head_from_a_nonlinear_one() -> None
     assert _affine_in(bilinear, x, ["1.weight", "1.bias"]) and not _affine_in(bilinear, x, ["0.weight", "1.weight"])
     assert not _affine_in(mlp, x, ["0.weight", "0.bias", "2.weight", "2.bias"])
     assert not _affine_in(mlp, x, [])  # nothing to train: no family at all
+    # rounding is not curvature: a bfloat16 head (rounding like TF32/half on accelerators) is still affine
+    wide = nn.Sequential(nn.ReLU(), nn.Linear(512, 100)).to(torch.bfloat16)
+    assert _affine_in(wide, torch.randn(8, 512, dtype=torch.bfloat16), ["1.weight", "1.bias"])
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_an_affine_head_with_no_module_before_the_cam_layer_warns_and_keeps_the_split(functional: bool) -> None:
+    class OneStage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), *([] if functional else [nn.ReLU()]))
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            a = self.features(x)
+            return self.fc((F.relu(a) if functional else a).mean((2, 3)))
+
+    torch.manual_seed(0)
+    gad = GAD(OneStage().eval(), "features", base="gradcam", steps=2, r2_threshold=float("-inf"))
+    with pytest.warns(UserWarning, match=r"no module runs before the CAM layer.*split stays at the CAM layer"):
+        gad.fit(torch.randn(16, 1, 8, 8))
+    assert gad.split == "features" and gad._plan.tail_params == ("fc.weight", "fc.bias")
 
 
 class _Wrapper(nn.Module):
