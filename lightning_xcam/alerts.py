@@ -1327,10 +1327,13 @@ def _pooled(reliance: Reliance, rows: Tensor) -> dict[str, float]:
     return {"z": z, "drop_region": drop_region, "drop_random": drop_random}
 
 
-def _pooled_transplant(sufficiency: Sufficiency, rows: Tensor) -> dict[str, float]:
-    """Mean rises and the paired transplant z of a group's donors that have recipients (see :func:`observe`)."""
-    z, rise_region, rise_random = _paired(sufficiency.rise_region, sufficiency.rise_random,
-                                          rows & sufficiency.valid.cpu())
+def _pooled_transplant(sufficiency: Sufficiency, rows: Tensor) -> dict[str, float | None]:
+    """Mean rises and the paired transplant z of a group's donors that have recipients (see :func:`observe`);
+    all ``None`` (no check) when no donor has one, e.g. when every item is of one class."""
+    donors = rows & sufficiency.valid.cpu()
+    if not bool(donors.any()):
+        return {"z_transplant": None, "rise_region": None, "rise_random": None}
+    z, rise_region, rise_random = _paired(sufficiency.rise_region, sufficiency.rise_random, donors)
     return {"z_transplant": z, "rise_region": rise_region, "rise_random": rise_random}
 
 
@@ -1385,7 +1388,10 @@ def observe(
     ``z_transplant`` of the same form over the items that have a recipient, so an alert can be confirmed
     by necessity or by sufficiency.
 
-    Signals (overall, class ``None``, and per explained class with at least ``min_group`` items):
+    Signals (overall, class ``None``, and per explained class with at least ``min_group`` items). Items with
+    a degenerate map are left out of the means of map values (border mass, ρ), and a group without a valid
+    map gives no signal; the checks keep them: an item whose map points at nothing has an empty region,
+    whose fill-in and transplant change nothing, so a group relies on its regions only as much as its items do:
 
     * ``border``: mean border mass, its replicate shift from ``replicate``; both checks on each item's top
       ``top_fraction`` region.
@@ -1445,11 +1451,14 @@ def observe(
         return region_reliance(model, x, region.to(device), targets, n_random=n_random, generator=generator,
                                max_batch=max_batch)
 
+    valid = ~degenerate(maps).cpu()  # degenerate maps are left out of every mean and check (ALGORITHMS §1)
     border = border_mass(maps).cpu()
     replicate_shift = 0.0
-    if replicate is not None and replicate_rows is not None and bool(replicate_rows.any()):
+    if replicate is not None and replicate_rows is not None:
         rows = replicate_rows.cpu()
-        replicate_shift = float(border_mass(replicate).cpu().mean() - border[rows].mean())
+        pair = valid[rows] & ~degenerate(replicate).cpu()
+        if bool(pair.any()):
+            replicate_shift = float(border_mass(replicate).cpu()[pair].mean() - border[rows][pair].mean())
     top_regions = top_region(maps, top_fraction, size).to(device)
     top = check(top_regions)
     transplant = region_sufficiency(model, x, top_regions, targets, n_recipients=n_recipients, n_random=n_random,
@@ -1466,16 +1475,18 @@ def observe(
             groups.append((class_index, rows))
     observations = []
     for class_index, rows in groups:
+        if not bool((rows & valid).any()):
+            continue  # no map locates anything: no signal, and every region is empty
         members = tuple(sample_ids.cpu()[rows].tolist())
-        value = float(border[rows].mean())
+        value = float(border[rows & valid].mean())
         checked = {**_pooled(top, rows), **_pooled_transplant(transplant, rows)}
         observations.append(Observation("border", class_index, value, value + replicate_shift, members, **checked))
         observations.append(Observation("intervention", class_index, checked["z"], None,
                                         _telling(top, rows, sample_ids), **checked))
         if masked is not None and rho is not None:
-            observations.append(Observation("spurious_mass", class_index, float(rho[rows].mean()), None, members,
+            observations.append(Observation("spurious_mass", class_index, float(rho[rows & valid].mean()), None, members,
                                             **_pooled(masked, rows)))
-    if int((~degenerate(maps)).sum()) >= min_cluster_maps:
+    if int(valid.sum()) >= min_cluster_maps:
         observations.append(_cluster_observation(model, x, maps, targets, sample_ids, check, top_fraction, size,
                                                  min_cluster_maps, generator))
     return observations

@@ -389,11 +389,12 @@ class ExplanationMonitor(Callback):
             except (ValueError, TypeError) as err:
                 raise MisconfigurationException(f"ExplanationMonitor: {err}") from err
         if height * width < _MIN_MAP_CELLS:
+            gad = " (and GAD's maps mostly equal Expected Grad-CAM's)" if "gad" in self.methods else ""
             rank_zero_warn(
                 f"ExplanationMonitor: the CAM layer `{name}` gives maps of {height}×{width} cells on these images, too "
-                "coarse to locate much: heatmaps, metrics and the shortcut checks tell little apart at that "
-                "resolution (and GAD's masks mostly equal Expected Grad-CAM's maps). Pass an earlier `target_layer` "
-                f"(one stage before), or use larger images, for maps of at least {_MIN_MAP_CELLS} cells.",
+                f"coarse to locate much: heatmaps, metrics and the shortcut checks tell little apart at that "
+                f"resolution{gad}. Pass an earlier `target_layer` (one stage before), or use larger images, for maps "
+                f"of at least {_MIN_MAP_CELLS} cells.",
                 category=UserWarning,
             )
         self.layer_name = name
@@ -891,7 +892,8 @@ def _item_error(source: str, got: str) -> MisconfigurationException:
 def _signal_scalars(observations: Sequence[Observation]) -> dict[str, float]:
     """The overall shortcut signals of one evaluation by logged name (README "What the scalars mean").
 
-    Gaps are the region's effect minus the mean of its equal-area random controls, in probability.
+    Gaps are the region's effect minus the mean of its equal-area random controls, in probability. A
+    transplant check that could not run (no probe item of another class) logs nothing.
     """
     scalars: dict[str, float] = {}
     for obs in observations:
@@ -903,8 +905,10 @@ def _signal_scalars(observations: Sequence[Observation]) -> dict[str, float]:
             scalars["cluster_focus"] = obs.value
         elif obs.kind == "spurious_mass":
             scalars["spurious_mass"] = obs.value
-            if obs.drop_region is not None and obs.drop_random is not None:
-                scalars["spurious_fill_gap"] = obs.drop_region - obs.drop_random
+            if obs.drop_region is not None:
+                # the drop itself, not its gap: masks that leave no room for shifted copies (all four
+                # corners, a frame) are their own controls, so their gap is 0 whatever the model does
+                scalars["spurious_fill_drop"] = obs.drop_region
         elif obs.kind == "intervention":
             scalars["tiny_region_z"] = obs.value
             if obs.drop_region is not None and obs.drop_random is not None:

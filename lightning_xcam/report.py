@@ -69,7 +69,7 @@ _MEANING = {
     "max_sensitivity": "lower is better",
     "average_drop": "lower is better (confidence lost on the map-weighted image)",
     "sparseness": "Gini index of the map: higher = more concentrated",
-    "entropy": "Shannon entropy of the unit-mass map: lower = more concentrated",
+    "entropy": "Shannon entropy of the unit-mass map / log(cells), in [0, 1]: lower = more concentrated",
     "drift_spearman": "1 - Spearman rho to the previous evaluation (0 = same ranking)",
     "drift_spearman_first": "1 - Spearman rho to the first evaluation",
     "drift_floor_units": "drift_spearman / noise floor (about 1 = resampling noise)",

@@ -562,6 +562,27 @@ def test_observe_reports_the_paired_reliance_of_the_top_region_per_class() -> No
     assert obs[3].z > 10 and obs[3].drop_region > 0.2 > 0.05 > abs(obs[5].drop_region)
 
 
+def test_observe_leaves_degenerate_maps_out_of_its_means_and_reports_no_transplant_without_recipients() -> None:
+    corner, _ = _regions()
+    model = _PatchModel(corner)
+    x = _bright_images(8)
+    maps = torch.zeros(8, 4, 4)
+    maps[:5, 0, 0] = 1.0  # five maps all in the corner cell (border mass 1), three degenerate
+    masks = corner.expand(8, 16, 16)
+    obs = observe(model, x, maps, torch.zeros(8, dtype=torch.long), torch.arange(8), masks=masks,
+                  generator=torch.Generator().manual_seed(0), min_cluster_maps=64)
+    by_kind = {o.kind: o for o in obs if o.class_index is None}
+    # a corner cell of a 4-cell-wide map lies 1 − (1 − 0.4)² inside the 10 % band; the mean is over the
+    # five valid maps, not 5/8 of it: a map that locates nothing has no border mass
+    assert by_kind["border"].value == pytest.approx(1 - 0.6**2)
+    assert by_kind["spurious_mass"].value == pytest.approx(float(area_ratio(maps[:5], masks[:5]).mean()))
+    # one class only: no item has a recipient of another class, so no transplant check (not "no effect")
+    assert by_kind["intervention"].z_transplant is None and by_kind["intervention"].rise_region is None
+    none_valid = observe(model, x, torch.zeros(8, 4, 4), torch.zeros(8, dtype=torch.long), torch.arange(8),
+                         generator=torch.Generator().manual_seed(0), min_cluster_maps=64)
+    assert none_valid == []
+
+
 def test_observe_clusters_the_probe_and_checks_the_cluster_mean_region() -> None:
     maps = _planted_maps()  # 42 centre blobs, then 18 corner blobs (a corner at (0, 0) of a 32x32 map)
     corner = torch.zeros(32, 32, dtype=torch.bool)
