@@ -1,7 +1,7 @@
 """Shortcut early-warning benchmark: planted shortcuts on packaged data, each with a clean twin.
 
-Run ``python benchmarks/shortcuts.py`` (full: 153 runs, 15 minutes measured on 2 shared CPU cores) or
-``--quick`` (15 runs, about 2 minutes); ``--select TEXT`` (repeatable) keeps only the runs whose label
+Run ``python benchmarks/shortcuts.py`` (full: 153 runs, 5 minutes on the idle 2-core machine, 15 on shared cores) or
+``--quick`` (15 runs, under a minute); ``--select TEXT`` (repeatable) keeps only the runs whose label
 contains one of the texts, e.g. ``--select "digits-4 random 5px" --select "digits-4 untagged"``, to iterate
 on a few runs (the tables then describe that subset only). Every run trains :class:`~lightning_xcam.demos.SmallCNN` (width 8,
 Adam 3e-3, batch 16) with the real :class:`~lightning_xcam.ExplanationMonitor` inside ``Trainer.fit`` (Expected Grad-CAM, 48 probe items
