@@ -328,7 +328,9 @@ class ExplanationMonitor(Callback):
             self._store.write_config(self._config())
         if trainer.is_global_zero:
             for logger in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
-                write_layout(logger.experiment, self.methods, floors=self.floor_size > 0)  # CUSTOM SCALARS opens on the curves to read first
+                # CUSTOM SCALARS opens on the curves to read first
+                write_layout(logger.experiment, self.methods, floors=self.floor_size > 0,
+                             shortcuts=self._shortcut_method)
         self.budget.resume_training()
 
     @override

@@ -9,6 +9,8 @@ out of the two dozen scalars :class:`~lightning_xcam.ExplanationMonitor` logs:
    drift against the previous evaluation.
 2. **xcam: <method>**, one category per method — insertion AUC, deletion AUC, infidelity and drift
    against the first evaluation.
+3. **xcam: shortcut signals** (when the method the shortcut checks use is given) — the tiny-region
+   reliance z (fill-in), its transplant z and the border mass, to watch a signal build up to an alert.
 
 Every chart holds one scalar, because TensorBoard colours lines by run and not by tag: several tags in
 one chart could only be told apart by hovering. Drift is charted in noise-floor units (``≈ 1``: as
@@ -87,7 +89,9 @@ def _drift_chart(method: str, reference: str, floors: bool) -> layout_pb2.Chart:
     return _chart(f"{method}: drift vs {reference} evaluation, {unit}", _tag(method, name))
 
 
-def custom_scalar_layout(methods: Sequence[str], *, floors: bool = True) -> layout_pb2.Layout:
+def custom_scalar_layout(
+    methods: Sequence[str], *, floors: bool = True, shortcuts: str | None = None
+) -> layout_pb2.Layout:
     """The CUSTOM SCALARS layout for the monitor's scalars of ``methods``.
 
     Every chart holds one scalar: TensorBoard colours lines by run, not by tag, so two tags in one chart
@@ -98,15 +102,19 @@ def custom_scalar_layout(methods: Sequence[str], *, floors: bool = True) -> layo
             ``["expected_gradcam", "gradcam"]``.
         floors: Whether the stochastic methods have a noise floor (the monitor's ``floor_size > 0``); without
             one their drift is charted as ``1 − ρ``, like the deterministic methods'.
+        shortcuts: The method whose maps feed the shortcut checks (one of ``methods``), or ``None`` for no
+            shortcut category.
 
     Returns:
         A ``layout_pb2.Layout``: the category ``"xcam: at a glance"`` (the alert, then insertion − deletion
         and drift vs the previous evaluation of every method), then one category ``"xcam: <method>"`` per
-        method (insertion, deletion, infidelity, drift vs the first evaluation).
+        method (insertion, deletion, infidelity, drift vs the first evaluation), then with ``shortcuts``
+        the category ``"xcam: shortcut signals"``.
 
     Raises:
         TypeError: If ``methods`` is a string or holds something other than strings.
-        ValueError: If ``methods`` is empty, holds an empty name or a name twice.
+        ValueError: If ``methods`` is empty, holds an empty name or a name twice, or ``shortcuts`` is not
+            one of them.
 
     Example:
         >>> layout = custom_scalar_layout(["expected_gradcam", "gradcam"])
@@ -128,10 +136,21 @@ def custom_scalar_layout(methods: Sequence[str], *, floors: bool = True) -> layo
             _drift_chart(method, "first", floors),
         ]
         categories.append(layout_pb2.Category(title=f"xcam: {method}", chart=charts))
+    if shortcuts is not None:
+        if shortcuts not in methods:
+            raise ValueError(f"`shortcuts` must be one of the methods {methods}, got {shortcuts!r}.")
+        categories.append(layout_pb2.Category(title="xcam: shortcut signals", chart=[
+            _chart(f"{shortcuts}: tiny-region reliance z, fill-in (an alert needs it, or the transplant z, "
+                   "above 2.5 at consecutive evaluations)", _tag(shortcuts, "tiny_region_z")),
+            _chart(f"{shortcuts}: tiny-region transplant z (pasted into other-class images)",
+                   _tag(shortcuts, "tiny_region_transplant_z")),
+            _chart(f"{shortcuts}: border mass (share of the maps in the 10 % border band)",
+                   _tag(shortcuts, "border_mass")),
+        ]))
     return layout_pb2.Layout(category=categories)
 
 
-def write_layout(writer: Any, methods: Sequence[str], *, floors: bool = True) -> None:
+def write_layout(writer: Any, methods: Sequence[str], *, floors: bool = True, shortcuts: str | None = None) -> None:
     """Write :func:`custom_scalar_layout` into a run through its ``SummaryWriter``.
 
     Goes through the writer's public ``add_custom_scalars`` (torch's and tensorboardX's ``SummaryWriter``
@@ -142,6 +161,7 @@ def write_layout(writer: Any, methods: Sequence[str], *, floors: bool = True) ->
         writer: A ``SummaryWriter``, e.g. ``TensorBoardLogger(...).experiment``.
         methods: As :func:`custom_scalar_layout`.
         floors: As :func:`custom_scalar_layout`.
+        shortcuts: As :func:`custom_scalar_layout`.
 
     Raises:
         TypeError: If ``writer`` has no ``add_custom_scalars`` method, or as :func:`custom_scalar_layout`.
@@ -156,7 +176,7 @@ def write_layout(writer: Any, methods: Sequence[str], *, floors: bool = True) ->
             f"`writer` must be a SummaryWriter with `add_custom_scalars` (e.g. TensorBoardLogger.experiment), "
             f"got {type(writer).__name__}."
         )
-    layout = custom_scalar_layout(methods, floors=floors)
+    layout = custom_scalar_layout(methods, floors=floors, shortcuts=shortcuts)
     # add_custom_scalars takes {category: {chart: ["Multiline", [regex, ...]]}} and rebuilds this very proto.
     writer.add_custom_scalars({
         category.title: {chart.title: ["Multiline", list(chart.multiline.tag)] for chart in category.chart}

@@ -91,6 +91,20 @@ def test_every_chart_matches_exactly_one_logged_tag(real_tags: set[str]) -> None
         assert len(matches) == 1, (category, title, matches)
 
 
+def test_shortcut_category_charts_the_signals_of_the_checked_method(real_tags: set[str]) -> None:
+    layout = custom_scalar_layout(METHODS, shortcuts="expected_gradcam")
+    assert layout.category[:-1] == custom_scalar_layout(METHODS).category  # added last, nothing else moves
+    charts = [(title, regex) for category, title, (regex,) in _charts(layout) if category == "xcam: shortcut signals"]
+    assert [regex for _, regex in charts] == [
+        "xcam/expected_gradcam/tiny_region_z$", "xcam/expected_gradcam/tiny_region_transplant_z$",
+        "xcam/expected_gradcam/border_mass$",
+    ]
+    for title, regex in charts:
+        assert len([tag for tag in real_tags if re.match(regex, tag)]) == 1, title
+    with pytest.raises(ValueError, match=r"`shortcuts` must be one of the methods.*'gad'"):
+        custom_scalar_layout(METHODS, shortcuts="gad")
+
+
 def test_scalars_url_filters_the_glance_tags(real_tags: set[str]) -> None:
     url = scalars_url(METHODS, "http://127.0.0.1:6006/")
     head, _, regex = url.partition("&tagFilter=")
