@@ -88,6 +88,7 @@ def main() -> None:
     kinds = sorted({a.kind for a in monitor.alerts})
     print("\nWhere to look:")
     print(f"  tensorboard --logdir {root}")
+    print("    CUSTOM SCALARS: 'xcam: shortcut signals' (the fill-in and transplant z building up to the alert)")
     print("    SCALARS: xcam/alert (1 at the evaluation that raised), xcam/expected_gradcam/*")
     print("    TEXT:    " + (", ".join(f"xcam_alerts/{k}" for k in kinds) or "xcam_alerts/<kind>"))
     print("    IMAGES:  " + (", ".join(f"xcam_alerts/{k}/evidence" for k in kinds) or "xcam_alerts/<kind>/evidence")
