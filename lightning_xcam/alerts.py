@@ -711,7 +711,7 @@ class Reliance:
         p_clean: ``[B]``: ``p_c(x)``.
         targets: ``LongTensor [B]``: the classes ``c``.
         controls_overlap: ``BoolTensor [B]``: some controls overlap the region or repeat a position
-            (the image is too small for ``n_random`` disjoint copies).
+            (the image has no room for ``n_random`` copies disjoint from it, even wrapped around).
     """
 
     drop_region: Tensor
@@ -738,14 +738,16 @@ def _bounding_boxes(masks: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def _random_offsets(masks: Tensor, n_random: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """``n_random`` shifts ``(dy, dx)`` per mask that keep the region inside the image and off itself.
+    """``n_random`` shifts ``(dy, dx)`` per mask, apart from the region whenever the image allows.
 
-    Every shift of the grid ``[-(H-1), H-1] × [-(W-1), W-1]`` gets a tier: 3 if the shifted bounding box
-    stays in the image and is disjoint from the original one (``|dy| ≥ height`` or ``|dx| ≥ width``), 2 if
-    it only stays in the image, 1 for the null shift, 0 otherwise. Shifts are drawn uniformly without
+    Every shift of the grid ``[-(H-1), H-1] × [-(W-1), W-1]`` gets a tier: 4 if the shifted bounding box
+    stays in the image and is disjoint from the original one (``|dy| ≥ height`` or ``|dx| ≥ width``); 3 if
+    the shifted region, wrapped around the image (:func:`_shift_masks`), shares no pixel with the original
+    (regions whose bounding box spans the image, such as all four corners, which become a central block);
+    2 if it only stays in the image; 1 for the null shift; 0 otherwise. Shifts are drawn uniformly without
     replacement from the best tier available (uniform keys from ``generator``, top-k); when fewer than
-    ``n_random`` shifts of tier ≥ 2 exist they are reused in turn, and a region covering the whole image is
-    its own control (then ``z = 0``).
+    ``n_random`` shifts of tier ≥ 2 exist they are reused in turn, and a region with none (one covering the
+    image, or a frame) is its own control (then ``z = 0``).
     """
     batch, height, width = masks.shape
     device = masks.device
@@ -759,27 +761,33 @@ def _random_offsets(masks: Tensor, n_random: int, generator: torch.Generator) ->
     inside = inside_y[:, :, None] & inside_x[:, None, :]
     apart = apart_y[:, :, None] | apart_x[:, None, :]
     null = (dy[:, None] == 0) & (dx[None, :] == 0)
-    tier = torch.where(inside & apart, 3, torch.where(inside & ~null, 2, torch.where(null, 1, 0))).flatten(1)
+    # pixels shared by the region and its cyclic shift: the circular autocorrelation, via the FFT
+    spectrum = torch.fft.rfft2(masks.float())
+    shared = torch.fft.irfft2(spectrum * spectrum.conj(), s=(height, width))
+    shared = shared[:, dy % height][:, :, dx % width]
+    disjoint = (shared < 0.5) & ~null
+    tier = torch.where(
+        inside & apart, 4, torch.where(disjoint, 3, torch.where(inside & ~null, 2, torch.where(null, 1, 0)))
+    ).flatten(1)
     keys = torch.rand(tier.shape, generator=generator, device=generator.device).to(device)
     order = (2 * tier + keys).topk(min(n_random, tier.shape[1]), dim=1).indices
     usable = (tier >= 2).sum(dim=1).clamp_min(1)
     pick = order.gather(1, torch.arange(n_random, device=device)[None] % usable[:, None].clamp(max=order.shape[1]))
-    overlap = (tier == 3).sum(dim=1) < n_random
+    overlap = (tier >= 3).sum(dim=1) < n_random
     return dy[pick // dx.numel()], dx[pick % dx.numel()], overlap
 
 
 def _shift_masks(masks: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
-    """``out[b, r, i, j] = masks[b, i − dy[b, r], j − dx[b, r]]`` (False outside the image)."""
+    """``out[b, r, i, j] = masks[b, (i − dy[b, r]) mod H, (j − dx[b, r]) mod W]``: shifts that wrap around
+    the image (a shift that keeps the region inside moves it without wrapping)."""
     batch, height, width = masks.shape
     rounds = dy.shape[1]
-    rows = torch.arange(height, device=masks.device)[None, None] - dy[..., None]
-    cols = torch.arange(width, device=masks.device)[None, None] - dx[..., None]
-    rows_ok = (rows >= 0) & (rows < height)
-    cols_ok = (cols >= 0) & (cols < width)
+    rows = (torch.arange(height, device=masks.device)[None, None] - dy[..., None]) % height
+    cols = (torch.arange(width, device=masks.device)[None, None] - dx[..., None]) % width
     source = masks[:, None].expand(batch, rounds, height, width).to(torch.uint8)
-    out = source.gather(2, rows.clamp(0, height - 1)[..., None].expand(batch, rounds, height, width))
-    out = out.gather(3, cols.clamp(0, width - 1)[:, :, None, :].expand(batch, rounds, height, width))
-    return out.bool() & rows_ok[..., None] & cols_ok[:, :, None, :]
+    out = source.gather(2, rows[..., None].expand(batch, rounds, height, width))
+    out = out.gather(3, cols[:, :, None, :].expand(batch, rounds, height, width))
+    return out.bool()
 
 
 def _check_regions(x: Tensor, region_masks: object, n_random: object, max_batch: int | None) -> Tensor:
@@ -817,8 +825,10 @@ def region_reliance(
     ``x_R`` replaces the pixels of ``R`` (all channels) by the substrate ``fill`` (RISE blur, per-image
     mean colour, zero = dataset mean in model-input space, or a tensor). Controls: ``R`` translated to
     ``n_random`` random positions inside the image, disjoint from ``R``'s bounding box when the image
-    leaves room (see ``controls_overlap``; shifts reuse when fewer positions exist, and a region that
-    covers the whole image is its own control, giving ``z = 0``). All ``B·(1 + n_random)`` filled inputs
+    leaves room; else wrapped around the image so that they share no pixel with ``R`` (all four corners
+    become a central block); else overlapping ``R`` (see ``controls_overlap``; shifts reuse when fewer
+    positions exist, and a region with no other position, one covering the image or a frame around it, is
+    its own control, giving ``z = 0``). All ``B·(1 + n_random)`` filled inputs
     are built lazily and forwarded in chunks of ``max_batch`` inside :func:`explanation_context`; the
     model is left exactly as found.
 

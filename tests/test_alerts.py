@@ -261,6 +261,29 @@ def test_random_controls_keep_shape_stay_inside_and_avoid_the_region() -> None:
     assert all(len(set(zip(dy[i].tolist(), dx[i].tolist()))) == 8 for i in range(2))
 
 
+def test_regions_spanning_the_image_get_wrapped_controls_unless_none_is_apart() -> None:
+    masks = torch.zeros(2, 12, 12, dtype=torch.bool)
+    for rows in (slice(0, 3), slice(9, 12)):
+        for cols in (slice(0, 3), slice(9, 12)):
+            masks[0, rows, cols] = True  # all four corners: no translation stays inside
+    masks[1] = True
+    masks[1, 1:-1, 1:-1] = False  # a one-pixel frame: every position meets it
+    dy, dx, overlap = _random_offsets(masks, 8, torch.Generator().manual_seed(0))
+    shifted = _shift_masks(masks, dy, dx)
+    assert shifted[0].sum(dim=(1, 2)).eq(36).all() and not (shifted[0] & masks[0]).any()
+    assert len(set(zip(dy[0].tolist(), dx[0].tolist()))) == 8
+    # the shift by half the image turns the corners into one central block (checked by hand)
+    block = torch.zeros(12, 12, dtype=torch.bool)
+    block[3:9, 3:9] = True
+    assert torch.equal(_shift_masks(masks[:1], torch.tensor([[6]]), torch.tensor([[6]]))[0, 0], block)
+    assert overlap.tolist() == [False, True] and torch.equal(shifted[1], masks[1].expand(8, -1, -1))
+    # so a model reading one corner is caught through a four-corner suspect mask (it was its own control: z 0)
+    corner, _ = _regions()
+    corners = corner | corner.flip(0) | corner.flip(1) | corner.flip(0, 1)
+    res = region_reliance(_PatchModel(corner), _bright_images(), corners.expand(6, 16, 16), n_random=4)
+    assert not res.controls_overlap.any() and (res.z > 10).all()
+
+
 def test_tiny_region_reliance_through_top_region() -> None:
     corner, _ = _regions()
     model = _PatchModel(corner)
