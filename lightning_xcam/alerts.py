@@ -1461,7 +1461,7 @@ def observe(
         return region_reliance(model, x, region.to(device), targets, n_random=n_random, generator=generator,
                                max_batch=max_batch)
 
-    valid = ~degenerate(maps).cpu()  # degenerate maps are left out of every mean and check (ALGORITHMS §1)
+    valid = ~degenerate(maps).cpu()  # left out of the means of map values (ALGORITHMS §1), kept in the checks
     border = border_mass(maps).cpu()
     replicate_shift = 0.0
     if replicate is not None and replicate_rows is not None:
@@ -1485,16 +1485,17 @@ def observe(
             groups.append((class_index, rows))
     observations = []
     for class_index, rows in groups:
-        if not bool((rows & valid).any()):
+        located = rows & valid
+        if not bool(located.any()):
             continue  # no map locates anything: no signal, and every region is empty
         members = tuple(sample_ids.cpu()[rows].tolist())
-        value = float(border[rows & valid].mean())
+        value = float(border[located].mean())
         checked = {**_pooled(top, rows), **_pooled_transplant(transplant, rows)}
         observations.append(Observation("border", class_index, value, value + replicate_shift, members, **checked))
         observations.append(Observation("intervention", class_index, checked["z"], None,
                                         _telling(top, rows, sample_ids), **checked))
         if masked is not None and rho is not None:
-            observations.append(Observation("spurious_mass", class_index, float(rho[rows & valid].mean()), None, members,
+            observations.append(Observation("spurious_mass", class_index, float(rho[located].mean()), None, members,
                                             **_pooled(masked, rows)))
     if int(valid.sum()) >= min_cluster_maps:
         observations.append(_cluster_observation(model, x, maps, targets, sample_ids, check, top_fraction, size,

@@ -241,13 +241,12 @@ class ExplanationMonitor(Callback):
         self.spurious_masks = spurious_masks
         self.alert_patience = alert_patience
         try:
-            CostBudget(max_overhead)
+            self.budget = CostBudget(max_overhead)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from err
         self.max_overhead = max_overhead
         self._store: ExplanationStore | None = None
         self._warned_images = False
-        self.budget = CostBudget(self.max_overhead)
         self._start_run()
 
     def _start_run(self) -> None:
