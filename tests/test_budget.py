@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import doctest
 import itertools
 
 import pytest
 
-import lightning_xcam.budget
 from lightning_xcam.budget import CostBudget
 
 
@@ -129,6 +127,3 @@ def test_reset_starts_a_new_run_on_the_same_clock() -> None:
     budget.begin()
     assert budget.trained == 47.0 and budget.share == 0.1
 
-
-def test_docstring_example() -> None:
-    assert doctest.testmod(lightning_xcam.budget).failed == 0
