@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_xcam._checks import Targets, check_images, resolve_targets
@@ -710,8 +711,8 @@ class Reliance:
         z: ``[B]``: ``(Δp_R − mean Δp_rand)/(std Δp_rand + 1e-6)`` (sample std).
         p_clean: ``[B]``: ``p_c(x)``.
         targets: ``LongTensor [B]``: the classes ``c``.
-        controls_overlap: ``BoolTensor [B]``: some controls overlap the region or repeat a position
-            (the image has no room for ``n_random`` copies disjoint from it, even wrapped around).
+        controls_overlap: ``BoolTensor [B]``: some controls overlap the region or repeat (the image has no
+            room for ``n_random`` copies disjoint from it, even wrapped around, or for as many rings).
     """
 
     drop_region: Tensor
@@ -747,7 +748,7 @@ def _random_offsets(masks: Tensor, n_random: int, generator: torch.Generator) ->
     2 if it only stays in the image; 1 for the null shift; 0 otherwise. Shifts are drawn uniformly without
     replacement from the best tier available (uniform keys from ``generator``, top-k); when fewer than
     ``n_random`` shifts of tier ≥ 2 exist they are reused in turn, and a region with none (one covering the
-    image, or a frame) is its own control (then ``z = 0``).
+    image, or a frame) gets the null shift (:func:`_control_masks` then turns to :func:`_ring_controls`).
     """
     batch, height, width = masks.shape
     device = masks.device
@@ -790,6 +791,52 @@ def _shift_masks(masks: Tensor, dy: Tensor, dx: Tensor) -> Tensor:
     return out.bool()
 
 
+def _ring_controls(masks: Tensor, n_random: int) -> tuple[Tensor, Tensor]:
+    """Controls for regions that no translation moves apart (a frame around the image): the other pixels,
+    ranked by chessboard distance to the region (ties by raster index) and cut into ``n_random`` sets of the
+    region's area, nearest first; a frame's controls are the rings inside it. When the rest of the image
+    holds fewer such sets they are reused in turn, and a region with no room for one set (it covers more
+    than half of the image) is its own control.
+
+    Returns:
+        ``[B, n_random, H, W]`` controls and ``BoolTensor [B]``: some control repeats or is the region.
+    """
+    batch, height, width = masks.shape
+    area = masks.flatten(1).sum(dim=1)
+    distance = torch.where(masks, 0, height + width).flatten(1)
+    grown = masks[:, None].float()
+    for step in range(1, max(height, width)):
+        grown = F.max_pool2d(grown, 3, stride=1, padding=1)
+        distance = torch.minimum(distance, torch.where(grown.flatten(1) > 0, step, height + width))
+        if bool((grown > 0).all()):
+            break
+    raster = torch.arange(height * width, device=masks.device)
+    key = torch.where(masks.flatten(1), (height + width + 1) * height * width, distance * height * width + raster)
+    rank = key.argsort(dim=1, stable=True).argsort(dim=1)  # position of each pixel in the nearest-first order
+    sets = (height * width - area) // area.clamp_min(1)
+    ring = torch.arange(n_random, device=masks.device)[None] % sets.clamp_min(1)[:, None]
+    start = (ring * area[:, None])[..., None]
+    controls = (rank[:, None] >= start) & (rank[:, None] < start + area[:, None, None])
+    controls = torch.where((sets > 0)[:, None, None], controls, masks.flatten(1)[:, None])
+    return controls.view(batch, n_random, height, width), sets < n_random
+
+
+def _control_masks(masks: Tensor, n_random: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The ``n_random`` equal-area controls of each region: moved copies (:func:`_random_offsets`), or
+    rings (:func:`_ring_controls`) for a region that no translation moves.
+
+    Returns:
+        ``[B, n_random, H, W]`` controls and ``BoolTensor [B]``: some control overlaps the region or repeats.
+    """
+    dy, dx, overlap = _random_offsets(masks, n_random, generator)
+    controls = _shift_masks(masks, dy, dx)
+    unmoved = ((dy == 0) & (dx == 0)).all(dim=1) & masks.flatten(1).any(dim=1)
+    if bool(unmoved.any()):
+        rings, repeated = _ring_controls(masks[unmoved], n_random)
+        controls[unmoved], overlap[unmoved] = rings, repeated
+    return controls, overlap
+
+
 def _check_regions(x: Tensor, region_masks: object, n_random: object, max_batch: int | None) -> Tensor:
     """Validate the shared arguments of :func:`region_reliance` and :func:`region_sufficiency`."""
     check_images(x)
@@ -827,10 +874,11 @@ def region_reliance(
     ``n_random`` random positions inside the image, disjoint from ``R``'s bounding box when the image
     leaves room; else wrapped around the image so that they share no pixel with ``R`` (all four corners
     become a central block); else overlapping ``R`` (see ``controls_overlap``; shifts reuse when fewer
-    positions exist, and a region with no other position, one covering the image or a frame around it, is
-    its own control, giving ``z = 0``). All ``B·(1 + n_random)`` filled inputs
-    are built lazily and forwarded in chunks of ``max_batch`` inside :func:`explanation_context`; the
-    model is left exactly as found.
+    positions exist). A region that every translation meets (a frame around the image) is compared with
+    equal-area rings of the other pixels, nearest first (the rings inside the frame); one covering more
+    than half of the image has no such ring and is its own control, giving ``z = 0``. All
+    ``B·(1 + n_random)`` filled inputs are built lazily and forwarded in chunks of ``max_batch`` inside
+    :func:`explanation_context`; the model is left exactly as found.
 
     Args:
         model: Classifier returning ``[N, K]`` logits.
@@ -867,8 +915,8 @@ def region_reliance(
         targets = resolve_targets(targets, logits)
         p_clean = logits.softmax(dim=1).gather(1, targets[:, None]).squeeze(1)
         region = region_masks.to(device) != 0
-        dy, dx, overlap = _random_offsets(region, n_random, generator)
-        regions = torch.cat([region[:, None], _shift_masks(region, dy, dx)], dim=1).flatten(0, 1)
+        controls, overlap = _control_masks(region, n_random, generator)
+        regions = torch.cat([region[:, None], controls], dim=1).flatten(0, 1)
         substrate = make_substrate(images, fill)
         owner = torch.arange(batch, device=device).repeat_interleave(rows_per_image)
 
@@ -978,8 +1026,8 @@ def region_sufficiency(
         recipients, ok = _recipients(targets, n_recipients, generator)
         count = recipients.shape[1]
         region = region_masks.to(device) != 0
-        dy, dx, _ = _random_offsets(region, n_random, generator)
-        regions = torch.cat([region[:, None], _shift_masks(region, dy, dx)], dim=1)  # [B, 1 + n_random, H, W]
+        controls, _ = _control_masks(region, n_random, generator)
+        regions = torch.cat([region[:, None], controls], dim=1)  # [B, 1 + n_random, H, W]
         shapes = 1 + n_random
         rows = torch.arange(batch * count * shapes, device=device)
         donor, recipient = rows // (count * shapes), recipients.clamp_min(0).flatten()[rows // shapes]

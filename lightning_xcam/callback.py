@@ -907,8 +907,8 @@ def _signal_scalars(observations: Sequence[Observation]) -> dict[str, float]:
         elif obs.kind == "spurious_mass":
             scalars["spurious_mass"] = obs.value
             if obs.drop_region is not None:
-                # the drop itself, not its gap: a mask that every moved copy meets (a frame around the
-                # image) is its own control, so its gap is 0 whatever the model does
+                # the drop itself, not its gap: a mask covering more than half of the image has no
+                # equal-area control apart from it, so its gap is 0 whatever the model does
                 scalars["spurious_fill_drop"] = obs.drop_region
         elif obs.kind == "intervention":
             scalars["tiny_region_z"] = obs.value

@@ -27,7 +27,7 @@ from lightning_xcam.alerts import (
     spurious_mass,
     top_region,
 )
-from lightning_xcam.alerts import _random_offsets, _shift_masks
+from lightning_xcam.alerts import _control_masks, _random_offsets, _shift_masks
 from lightning_xcam.demos import add_decoy_tags, load_lfw_tensors
 from lightning_xcam.render import explanation_panel, grid
 
@@ -282,6 +282,38 @@ def test_regions_spanning_the_image_get_wrapped_controls_unless_none_is_apart() 
     corners = corner | corner.flip(0) | corner.flip(1) | corner.flip(0, 1)
     res = region_reliance(_PatchModel(corner), _bright_images(), corners.expand(6, 16, 16), n_random=4)
     assert not res.controls_overlap.any() and (res.z > 10).all()
+
+
+def test_a_frame_that_no_translation_moves_apart_is_compared_with_the_rings_inside_it() -> None:
+    masks = torch.zeros(3, 12, 12, dtype=torch.bool)
+    masks[0] = True
+    masks[0, 1:-1, 1:-1] = False  # 44 pixels; the 100 inside hold two sets of 44
+    masks[1] = True  # covers the image: no pixel left for a control
+    masks[2, :3, :3] = True  # a corner keeps its moved copies
+    controls, overlap = _control_masks(masks, 4, torch.Generator().manual_seed(0))
+    assert overlap.tolist() == [True, True, False]  # the frame's two rings are reused in turn
+    assert controls[0].sum(dim=(1, 2)).eq(44).all() and not (controls[0] & masks[0]).any()
+    first = torch.zeros(12, 12, dtype=torch.bool)  # by hand: the ring next to the frame (36 pixels) and
+    first[1:-1, 1:-1] = True  # the first 8 pixels, in raster order, of the ring after it
+    first[2:-2, 2:-2] = False
+    first[2, 2:10] = True
+    assert torch.equal(controls[0, 0], first) and torch.equal(controls[0, 2], first)
+    second = torch.zeros(12, 12, dtype=torch.bool)  # the rest of that ring, the next one (rows and columns
+    second[3:10, 2:10] = True  # 3..8), and the first 4 pixels of the one after (row 4, columns 4..7)
+    second[4:8, 4:8] = False
+    second[4, 4:8] = True
+    assert torch.equal(controls[0, 1], second) and torch.equal(controls[0, 3], second)
+    assert torch.equal(controls[1], masks[1].expand(4, -1, -1))
+    dy, dx, _ = _random_offsets(masks, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(controls[2], _shift_masks(masks, dy, dx)[2])
+    # so a model reading the image border is caught through a frame mask (it was its own control: z 0),
+    # and one reading the centre is not
+    frame = torch.ones(16, 16, dtype=torch.bool)
+    frame[2:-2, 2:-2] = False
+    for used, relies in ((frame, True), (_regions()[1], False)):
+        res = region_reliance(_PatchModel(used), _bright_images(), frame.expand(6, 16, 16), fill="zero", n_random=4)
+        gap = res.drop_region - res.drop_random.mean(dim=1)
+        assert bool((gap > 0.2).all() and (res.z > 10).all()) if relies else bool((gap.abs() < 0.05).all())
 
 
 def test_tiny_region_reliance_through_top_region() -> None:
