@@ -475,11 +475,14 @@ class ExplanationMonitor(Callback):
             per_sample[method] = gathered
         summaries, drift_rows, small_maps = self._drift(maps_by_method, floors, self._data.ids[: data.total])
         for method, values in per_sample.items():
+            empty = degenerate(maps_by_method[method])
             for name, value in values.items():
-                finite = value[torch.isfinite(value)]
-                if finite.numel():
-                    summaries[f"xcam/{method}/{name}"] = float(finite.mean())
-            summaries[f"xcam/{method}/degenerate"] = float(degenerate(maps_by_method[method]).sum())
+                # a degenerate map's defined score (e.g. deletion AUC 0.1 for a map that ranks nothing) would
+                # read as a good explanation; no valid item: no scalar, never NaN
+                kept = value[~empty.to(value.device) & torch.isfinite(value)]
+                if kept.numel():
+                    summaries[f"xcam/{method}/{name}"] = float(kept.mean())
+            summaries[f"xcam/{method}/degenerate"] = float(empty.sum())
         new_alerts, signals = self._check_shortcuts(pl_module, epoch, data.total, maps_by_method, floors)
         summaries.update(signals)
         summaries["xcam/alert"] = float(bool(new_alerts))

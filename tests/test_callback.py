@@ -396,6 +396,7 @@ def test_all_degenerate_maps_log_no_floor_and_no_nan(tmp_path: Path) -> None:
     for row in monitor.history:
         assert row["xcam/expected_gradcam/degenerate"] == FAST["num_probe"]
         assert not any("noise_floor" in k or "floor_units" in k for k in row)  # no valid floor pair: no floor
+        assert not any(k.endswith(("_auc", "infidelity", "max_sensitivity")) for k in row)  # no valid map: no score
         assert all(math.isfinite(v) for v in row.values() if isinstance(v, float))
 
 
