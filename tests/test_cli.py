@@ -24,7 +24,7 @@ from lightning_xcam.callback import METRICS
 from lightning_xcam.alerts import Alert
 from lightning_xcam.cli import main
 from lightning_xcam.demos import DigitsClassifier, DigitsDataModule
-from lightning_xcam.maps import unit_mass
+from lightning_xcam.maps import degenerate, unit_mass
 from lightning_xcam.render import colormap, scale_maps
 from lightning_xcam.render import DISPLAY_CONCENTRATION
 from lightning_xcam.report import MAIN_COLUMNS, line_chart
@@ -149,10 +149,15 @@ def test_table_has_one_row_per_epoch_with_the_stored_numbers(fitted: Path, capsy
             else:
                 assert float(cell) == pytest.approx(value, rel=5.1e-4), (name, stored["epoch"])
         assert row[-1] == "0"
-        # the table's insertion AUC is the mean over the probe items the store holds per item
-        items = [r["value"] for r in per_item if r["epoch"] == stored["epoch"]]
+        # the table's insertion AUC is the mean over the probe items the store holds per item, those with a
+        # degenerate map left out
+        with ExplanationStore(fitted / "version_0" / "xcam.sqlite", create=False) as store:
+            empty = degenerate(store.maps(METHOD, stored["epoch"])).tolist()
+        assert sum(empty) == stored[f"xcam/{METHOD}/degenerate"] < 6
+        items = sorted((r["sample"], r["value"]) for r in per_item if r["epoch"] == stored["epoch"])
+        kept = [value for (_, value), bad in zip(items, empty) if not bad]
         assert len(items) == 6
-        assert float(row[2]) == pytest.approx(sum(items) / len(items), rel=5.1e-4)
+        assert float(row[2]) == pytest.approx(sum(kept) / len(kept), rel=5.1e-4)
     assert "Alerts: none." in out
 
 
