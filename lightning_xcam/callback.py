@@ -33,6 +33,7 @@ from lightning_xcam import metrics as xm
 from lightning_xcam.alerts import Alert, Observation, WarningRule, evidence_image, observe
 from lightning_xcam.budget import CostBudget
 from lightning_xcam.maps import degenerate
+from lightning_xcam.metrics._perturb import target_probabilities
 from lightning_xcam.methods._guard import explanation_context, fresh_input, require_float32
 from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM, IntegratedGradCAM, _LayerProbe
 from lightning_xcam.methods.layers import resolve_layer
@@ -386,7 +387,10 @@ class ExplanationMonitor(Callback):
             x = fresh_input(self._data.x[:1], pl_module.device)
             try:
                 name, layer = resolve_layer(pl_module, self.target_layer, x)
-                height, width = _LayerProbe(pl_module, [layer]).activations(x)[0].shape[-2:]
+                # a gradient pass and a softmax read now, so that a layer the output does not depend on, or
+                # logits that are not [B, K >= 2], fail before training rather than at the first evaluation
+                height, width = _LayerProbe(pl_module, [layer]).gradients(x, None)[0].shape[-2:]
+                target_probabilities(pl_module, x, 0, max_batch=None)
             except (ValueError, TypeError) as err:
                 raise MisconfigurationException(f"ExplanationMonitor: {err}") from err
         if height * width < _MIN_MAP_CELLS:

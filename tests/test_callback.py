@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xcam import ExplanationMonitor
 from lightning_xcam.budget import CostBudget
-from lightning_xcam.demos import DigitsClassifier, load_digits_tensors
+from lightning_xcam.demos import DigitsClassifier, SmallCNN, load_digits_tensors
 from lightning_xcam.methods.cam import ExpectedGradCAM
 from lightning_xcam.methods.gad import GAD
 from lightning_xcam.store import ExplanationStore
@@ -256,6 +256,17 @@ def test_bad_setup_fails_before_training(tmp_path: Path, kwargs: dict, match: st
     monitor = ExplanationMonitor(**{**FAST, **kwargs})
     with pytest.raises(MisconfigurationException, match=match):
         _trainer(tmp_path, [monitor], max_epochs=1).fit(model, datamodule=DigitsData())
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+
+
+def test_a_single_logit_model_fails_before_training(tmp_path: Path) -> None:
+    model = DigitsModule()
+    model.net = SmallCNN(in_channels=1, num_classes=1, width=8)
+    before = _weights(model)
+    monitor = ExplanationMonitor(target_layer="net.features", **FAST)
+    with pytest.raises(MisconfigurationException, match=r"1 score per image.*sigmoid\(z\)"):
+        # no sanity check: its cross-entropy on one logit would fail first (a real binary model has its own loss)
+        _trainer(tmp_path, [monitor], max_epochs=1, num_sanity_val_steps=0).fit(model, datamodule=DigitsData())
     assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
 
 

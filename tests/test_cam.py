@@ -315,6 +315,31 @@ def test_works_under_no_grad_and_inference_mode(small_cnn: nn.Module) -> None:
 # --- bad input -------------------------------------------------------------------------------------------
 
 
+class _Reshaped(nn.Module):
+    """SmallCNN whose logits get an extra dimension (``[B, 1, K]``), or whose CAM layer runs under no_grad."""
+
+    def __init__(self, net: nn.Module, frozen_under_no_grad: bool) -> None:
+        super().__init__()
+        self.net, self.frozen_under_no_grad = net, frozen_under_no_grad
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.frozen_under_no_grad:
+            return self.net(x).unsqueeze(1)
+        with torch.no_grad():  # a frozen backbone written the common way
+            features = self.net.features(x)
+        return self.net.head(self.net.pool(features).flatten(1))
+
+
+@pytest.mark.parametrize("explainer", [GradCAM, IntegratedGradCAM, ExpectedGradCAM])
+def test_logits_not_one_row_per_image_and_a_no_grad_backbone_are_named(small_cnn: nn.Module, explainer) -> None:
+    x = torch.randn(3, 1, 16, 16)
+    options = {"references": torch.randn(4, 1, 16, 16)} if explainer is ExpectedGradCAM else {}
+    with pytest.raises(ValueError, match=r"one row per image\), got shape \(3, 1, 10\)"):
+        explainer(_Reshaped(small_cnn, False), "net.features", **options)(x)
+    with pytest.raises(ValueError, match=r"torch.no_grad\(\).*requires_grad_\(False\)"):
+        explainer(_Reshaped(small_cnn, True), "net.features", **options)(x)
+
+
 def test_bad_arguments_get_clear_errors(small_cnn: nn.Module) -> None:
     x = torch.randn(2, 1, 16, 16)
     with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):

@@ -360,6 +360,15 @@ def test_constant_maps_upsample_exactly_and_mask_nothing() -> None:
     torch.testing.assert_close(drop, ((before - blank).clamp_min(0) / (before + 1e-7)).detach())
 
 
+def test_a_single_logit_model_is_refused_with_the_two_logit_wrapper() -> None:
+    # softmax over one score is 1 whatever the image: every curve would be flat and read as a result
+    model = SmallCNN(in_channels=1, num_classes=1).eval()
+    x, maps = torch.randn(2, 1, 16, 16), torch.rand(2, 4, 4)
+    for metric in (insertion_auc, deletion_auc):
+        with pytest.raises(ValueError, match=r"returns 1 score per image.*torch.cat\(\[-z / 2, z / 2\], dim=1\)"):
+            metric(model, x, maps, 0)
+
+
 def test_a_diverged_model_is_refused_by_name_not_as_an_internal_error() -> None:
     x, maps = torch.randn(2, 1, 8, 8), torch.rand(2, 8, 8)
     broken = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))

@@ -104,6 +104,12 @@ class _LayerProbe:
         if any(a is None for a in captured):
             raise ValueError("the target layer did not run in the model's forward pass; pick a layer the model uses.")
         logits = output if output.ndim == 3 else output.unsqueeze(0)
+        if logits.ndim != 3 or logits.shape[:2] != (len(self.layers), points.shape[0]):
+            raise ValueError(
+                f"the model must return logits of shape [B, K] (one row per image), got shape {tuple(output.shape)} "
+                f"for {points.shape[0]} images. Wrap the model so that it returns class scores, e.g. squeeze an extra "
+                "dimension."
+            )
         return logits, captured  # type: ignore[return-value]
 
     def activations(self, points: Tensor, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
@@ -120,7 +126,11 @@ class _LayerProbe:
         """
         logits, leaves = self._forward(points, with_grad=True)
         if not logits.requires_grad:
-            raise ValueError("the model's output does not depend on the target layer; pick a layer before the head.")
+            raise ValueError(
+                "the model's output does not depend on the target layer with gradients: the layer comes after the "
+                "head, or the forward computes what follows it under `torch.no_grad()`/`inference_mode` (a frozen "
+                "backbone). Pick a layer before the head, or freeze with `requires_grad_(False)` instead."
+            )
         c = resolve_targets(targets, logits[0])
         score = logits.gather(2, c.view(1, -1, 1).expand(logits.shape[0], -1, 1)).sum()
         grads = torch.autograd.grad(score, leaves, allow_unused=True)

@@ -154,6 +154,9 @@ def chunked_scores(
 
     Returns:
         ``[num_rows]`` float32 scores (a normal tensor, usable outside inference mode).
+
+    Raises:
+        ValueError: If the model's output is not ``[N, K]``, or has one column when ``softmax`` is read.
     """
     chunk = max_batch or num_rows
     parts = []
@@ -167,6 +170,12 @@ def chunked_scores(
                     "Wrap the model so that it returns class scores."
                 )
             if softmax:
+                if out.shape[1] < 2:
+                    raise ValueError(
+                        f"the model returns {out.shape[1]} score per image, whose softmax is always 1; return one "
+                        "logit per class, e.g. `torch.cat([-z / 2, z / 2], dim=1)` for a binary logit `z` (its "
+                        "softmax is sigmoid(z) for class 1)."
+                    )
                 out = out.softmax(dim=1)
             parts.append(out.gather(1, targets[start:stop].view(-1, 1).to(out.device)).squeeze(1))
     # A clone outside inference mode turns the inference tensor into a normal one.
