@@ -1460,7 +1460,8 @@ def observe(
       reported cluster is the most focused flagged cluster, else the most focused one; value = its
       same-location focus, ``flagged`` = a SpRAy flag, check on the top ``top_fraction`` of the cluster's
       mean map applied to its members.
-    * ``spurious_mass`` (with ``masks``): mean ρ, check on the mask.
+    * ``spurious_mass`` (with ``masks``): mean ρ, check on the mask, over the items whose mask is not empty
+      (mark only the items that carry the suspect feature).
 
     Cost: ``(2 + n_recipients)·P·(1 + n_random)`` forwards (top regions, their transplants and cluster
     regions; ``P·(1 + n_random)`` more with masks) plus one clean pass per check, and one eigen-
@@ -1522,9 +1523,11 @@ def observe(
     transplant = region_sufficiency(model, x, top_regions, targets, n_recipients=n_recipients, n_random=n_random,
                                     generator=generator, max_batch=max_batch)
     masked = rho = None
+    marked = torch.zeros(count, dtype=torch.bool)
     if masks is not None:
         rho = area_ratio(upsample(maps, size), masks.to(maps.device)).cpu()
         masked = check(masks)
+        marked = masks.flatten(1).any(dim=1).cpu()  # an item without a suspect region says nothing about it
     classes = targets.cpu()
     groups: list[tuple[int | None, Tensor]] = [(None, torch.ones_like(classes, dtype=torch.bool))]
     for class_index in sorted(set(classes.tolist())):
@@ -1542,9 +1545,9 @@ def observe(
         observations.append(Observation("border", class_index, value, value + replicate_shift, members, **checked))
         observations.append(Observation("intervention", class_index, checked["z"], None,
                                         _telling(top, rows, sample_ids), **checked))
-        if masked is not None and rho is not None:
-            observations.append(Observation("spurious_mass", class_index, float(rho[located].mean()), None, members,
-                                            **_pooled(masked, rows)))
+        if masked is not None and rho is not None and bool((located & marked).any()):
+            observations.append(Observation("spurious_mass", class_index, float(rho[located & marked].mean()), None,
+                                            members, **_pooled(masked, rows & marked)))
     if int(valid.sum()) >= min_cluster_maps:
         observations.append(_cluster_observation(model, x, maps, targets, sample_ids, check, top_fraction, size,
                                                  min_cluster_maps, generator))

@@ -195,14 +195,22 @@ class ExplanationMonitor(Callback):
         _check_int("n_perturb", n_perturb, 1)
         _check_int("alert_patience", alert_patience, 1)
         _check_int("seed", seed, 0)
+        if seed >= 2**63:
+            raise MisconfigurationException(f"`seed` must be below 2**63 (a torch.Generator seed), got {seed}.")
         if batch_size is not None:
             _check_int("batch_size", batch_size, 1)
         methods = _check_names("methods", methods, METHODS)
         metrics = _check_names("metrics", metrics, METRICS)
         if on_alert not in ("warn", "stop"):
             raise MisconfigurationException(f"`on_alert` must be 'warn' or 'stop', got {on_alert!r}.")
-        if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0):
+        if isinstance(noise_std, bool) or not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std)
+                                               and noise_std >= 0):
             raise MisconfigurationException(f"`noise_std` must be a finite float >= 0, got {noise_std!r}.")
+        if not (target_layer is None or isinstance(target_layer, str)):
+            raise MisconfigurationException(
+                f"`target_layer` must be a module name such as 'layer4' (see model.named_modules()) or None to "
+                f"detect it, got {type(target_layer).__name__}."
+            )
         if store is True:
             store = None
         if not (store is None or store is False or isinstance(store, (str, Path))):
@@ -215,6 +223,7 @@ class ExplanationMonitor(Callback):
                 raise MisconfigurationException(
                     f"`spurious_masks` must be a tensor [P, H, W] (one mask per probe item), got {got}."
                 )
+            spurious_masks = _binary_masks(spurious_masks, "`spurious_masks`")
             if probe is None:
                 raise MisconfigurationException(
                     "`spurious_masks` needs an explicit `probe`: masks line up with probe items, and a drawn probe "
@@ -393,6 +402,11 @@ class ExplanationMonitor(Callback):
                 target_probabilities(pl_module, x, 0, max_batch=None)
             except (ValueError, TypeError) as err:
                 raise MisconfigurationException(f"ExplanationMonitor: {err}") from err
+            except RuntimeError as err:  # the model itself fails on the probe (channels, size)
+                raise MisconfigurationException(
+                    f"ExplanationMonitor: the model fails on a probe image of shape {tuple(x.shape[1:])}: {err}. "
+                    "The probe must be in model-input space, like the training batches after any transfer hook."
+                ) from err
         if height * width < _MIN_MAP_CELLS:
             gad = " (and GAD's maps mostly equal Expected Grad-CAM's)" if "gad" in self.methods else ""
             rank_zero_warn(
@@ -792,7 +806,7 @@ class _ProbeData:
         with isolate_rng():  # dataset transforms may draw from global RNGs
             if monitor.probe is not None:
                 probe_set, probe_idx = monitor.probe, None
-                n = len(monitor.probe)
+                n = _length(monitor.probe, "`probe`")
                 if n == 0:
                     raise MisconfigurationException("`probe` is empty; pass at least one (x, y) item.")
                 indices = list(range(n))
@@ -800,7 +814,7 @@ class _ProbeData:
                 probe_set = _dataset(trainer.val_dataloaders) or train
                 if probe_set is None:
                     raise MisconfigurationException("ExplanationMonitor found no dataset to draw the probe from.")
-                n = len(probe_set)
+                n = _length(probe_set, "the training dataset" if probe_set is train else "the validation dataset")
                 if monitor.num_probe > n:
                     raise MisconfigurationException(
                         f"`num_probe={monitor.num_probe}` is larger than the dataset it is drawn from ({n} items); "
@@ -811,19 +825,38 @@ class _ProbeData:
             source = ("`probe`" if monitor.probe is not None
                       else "the training dataset" if probe_set is train else "the validation dataset")
             x, masks = _stack([probe_set[i] for i in indices], source)
-            if train is None:
-                raise MisconfigurationException("ExplanationMonitor needs the training dataset for its reference bank.")
-            pool = [i for i in torch.randperm(len(train), generator=generator).tolist() if not probe_idx or i not in probe_idx]
-            references = _stack([train[i] for i in pool[: monitor.num_references]], "the training dataset")[0]
-            fit = _stack([train[i] for i in pool[: monitor.num_fit]], "the training dataset")[0]
-        if _USES_REFERENCES & set(monitor.methods) and x.shape[1:] != references.shape[1:]:
+            broken = (~torch.isfinite(x).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+            if broken:
+                raise MisconfigurationException(
+                    f"the probe items {[indices[i] for i in broken][:8]} of {source} hold NaN or infinite pixels; "
+                    "the model's outputs on them are not finite, so every evaluation would be skipped. Pass "
+                    "`probe=` items with finite images."
+                )
+            references = fit = x[:0]
+            uses_bank = bool(_USES_REFERENCES & set(monitor.methods))
+            if uses_bank:  # Grad-CAM and Integrated Grad-CAM read no training image
+                if train is None:
+                    raise MisconfigurationException(
+                        "ExplanationMonitor needs the training dataset for Expected Grad-CAM's and GAD's bank of "
+                        "training images; with no readable one, use methods=('gradcam', 'integrated_gradcam')."
+                    )
+                size = _length(train, "the training dataset")
+                pool = [i for i in torch.randperm(size, generator=generator).tolist() if not probe_idx or i not in probe_idx]
+                if not pool:
+                    raise MisconfigurationException(
+                        f"the probe takes all {size} items of the training dataset, and Expected Grad-CAM's and GAD's "
+                        f"training images must be other items; pass num_probe < {size} or a validation set."
+                    )
+                references = _stack([train[i] for i in pool[: monitor.num_references]], "the training dataset")[0]
+                fit = _stack([train[i] for i in pool[: monitor.num_fit]], "the training dataset")[0]
+        if uses_bank and x.shape[1:] != references.shape[1:]:
             raise MisconfigurationException(
                 f"the probe images from {source} have shape {tuple(x.shape[1:])} but the training images "
                 f"{tuple(references.shape[1:])}; Expected Grad-CAM's references come from the training data, so "
                 "the probe must have the same channels and size (resize it like the training data)."
             )
         if monitor.spurious_masks is not None:
-            masks = monitor.spurious_masks.bool().cpu()
+            masks = monitor.spurious_masks.cpu()
             if masks.shape != (x.shape[0], *x.shape[-2:]):
                 raise MisconfigurationException(
                     f"`spurious_masks` must hold one [H, W] mask per probe item, i.e. shape "
@@ -852,6 +885,18 @@ class _ProbeData:
         x = trainer.precision_plugin.convert_input(self.x[rows]).to(pl_module.device)
         floor = min(math.ceil(self.floor / world), x.shape[0])
         return _Shard(x, self.targets[rows].to(pl_module.device), self.ids[rows], total, per, floor)
+
+
+def _length(dataset: Any, source: str) -> int:
+    """The number of items of a dataset the monitor draws from by index; ``source`` names it in errors."""
+    try:
+        return len(dataset)
+    except TypeError as error:
+        raise MisconfigurationException(
+            f"ExplanationMonitor draws items by index from {source}, which has no length "
+            f"({type(dataset).__name__}, e.g. an IterableDataset). Pass `probe=` a map-style dataset such as "
+            "TensorDataset(images, labels); Expected Grad-CAM and GAD also need a map-style training dataset."
+        ) from error
 
 
 def _dataset(loaders: Any) -> Any:
@@ -884,8 +929,18 @@ def _stack(items: list[Any], source: str) -> tuple[Tensor, Tensor | None]:
     # A third column is a mask only when it has the images' size (a sample weight or a box is not).
     third = [torch.as_tensor(v) for v in columns[2]] if len(columns) > 2 else []
     if third and all(t.squeeze().shape == x.shape[-2:] for t in third):
-        return x, torch.stack([t.squeeze().bool() for t in third])
+        return x, _binary_masks(torch.stack([t.squeeze() for t in third]), f"the masks of {source}")
     return x, None
+
+
+def _binary_masks(masks: Tensor, name: str) -> Tensor:
+    """``masks`` as booleans; a value other than 0/1 (a soft weight, NaN) is refused, not rounded."""
+    if masks.dtype != torch.bool and not bool(((masks == 0) | (masks == 1)).all()):
+        raise MisconfigurationException(
+            f"{name} must be boolean or 0/1 (a suspect region per item), got values such as "
+            f"{masks[(masks != 0) & (masks != 1)].flatten()[:3].tolist()}; threshold soft masks first, e.g. mask > 0.5."
+        )
+    return masks.bool()
 
 
 def _item_error(source: str, got: str) -> MisconfigurationException:
@@ -954,8 +1009,12 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 
 def _check_names(name: str, values: str | Sequence[str], allowed: tuple[str, ...]) -> tuple[str, ...]:
     """``values`` as a tuple of known names (a single name is a one-name tuple), each named once."""
-    values = (values,) if isinstance(values, str) else tuple(values)
     choices = ", ".join(repr(a) for a in allowed)
+    if not isinstance(values, (str, Sequence)):
+        raise MisconfigurationException(
+            f"`{name}` must be a name or a sequence of names from {choices}, got {type(values).__name__}."
+        )
+    values = (values,) if isinstance(values, str) else tuple(values)
     if not values and name == "methods":
         raise MisconfigurationException(f"`methods` is empty; name at least one of {choices}.")
     unknown = [v for v in values if v not in allowed]

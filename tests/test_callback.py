@@ -220,6 +220,13 @@ def test_store_survives_a_process_killed_mid_evaluation(tmp_path: Path) -> None:
         ({"methods": "gadd"}, r"unknown entries \['gadd'\]"),
         ({"metrics": ("insertion", "insertion")}, "more than once"),
         ({"seed": "0"}, "seed"),
+        ({"seed": 2**70}, r"below 2\*\*63"),
+        ({"methods": None}, r"`methods` must be a name or a sequence of names.*got NoneType"),
+        ({"metrics": 3}, r"`metrics` must be a name or a sequence of names.*got int"),
+        ({"noise_std": True}, "noise_std"),
+        ({"target_layer": 3}, r"`target_layer` must be a module name.*got int"),
+        ({"spurious_masks": torch.full((6, 16, 16), 0.4), "probe": TensorDataset(torch.zeros(6, 1, 16, 16))},
+         r"`spurious_masks` must be boolean or 0/1.*\[0.4"),
         ({"spurious_masks": [[0, 1]]}, r"spurious_masks.*\[P, H, W\]"),
         ({"spurious_masks": torch.zeros(6, 16, 16)}, "explicit `probe`"),
     ],
@@ -232,6 +239,11 @@ def test_bad_arguments_fail_at_construction(kwargs: dict, match: str) -> None:
 def test_a_single_method_or_metric_name_is_a_one_name_tuple() -> None:
     monitor = ExplanationMonitor(methods="gad", metrics="deletion")
     assert monitor.methods == ("gad",) and monitor.metrics == ("deletion",)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield torch.zeros(1, 16, 16), 0
 
 
 @pytest.mark.parametrize(
@@ -248,6 +260,13 @@ def test_a_single_method_or_metric_name_is_a_one_name_tuple() -> None:
          r"shape \(1, 20, 20\) but the training images \(1, 16, 16\)"),
         ({"probe": TensorDataset(torch.zeros(6, 1, 16, 16), torch.zeros(6)), "spurious_masks": torch.zeros(5, 16, 16)},
          r"one \[H, W\] mask per probe item"),
+        ({"probe": TensorDataset(torch.zeros(6, 3, 16, 16), torch.zeros(6)), "methods": ("gradcam",)},
+         r"model fails on a probe image of shape \(3, 16, 16\).*model-input space"),
+        ({"probe": TensorDataset(torch.zeros(6, 1, 16, 16).index_fill_(0, torch.tensor([4]), float("nan")),
+                                 torch.zeros(6))}, r"probe items \[4\] of `probe` hold NaN"),
+        ({"probe": TensorDataset(torch.zeros(6, 1, 16, 16), torch.zeros(6), torch.rand(6, 16, 16))},
+         r"the masks of `probe` must be boolean or 0/1"),
+        ({"probe": _Stream()}, r"`probe`, which has no length \(_Stream, e.g. an IterableDataset\)"),
     ],
 )
 def test_bad_setup_fails_before_training(tmp_path: Path, kwargs: dict, match: str) -> None:
@@ -268,6 +287,41 @@ def test_a_single_logit_model_fails_before_training(tmp_path: Path) -> None:
         # no sanity check: its cross-entropy on one logit would fail first (a real binary model has its own loss)
         _trainer(tmp_path, [monitor], max_epochs=1, num_sanity_val_steps=0).fit(model, datamodule=DigitsData())
     assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
+
+
+class _DictBatches(DigitsClassifier):
+    """Trains on batches of {"image", "label"} dicts."""
+
+    def __init__(self) -> None:
+        super().__init__(width=8)
+
+    def training_step(self, batch: dict, index: int) -> torch.Tensor:
+        return super().training_step((batch["image"], batch["label"]), index)
+
+
+def test_methods_without_training_references_need_no_readable_training_set(tmp_path: Path) -> None:
+    # dict items cannot be stacked as images; only Expected Grad-CAM and GAD read training images
+    x, y = load_digits_tensors(16)
+    train = DataLoader([{"image": image, "label": label} for image, label in zip(x[:64], y[:64])], batch_size=32)
+    probe = TensorDataset(x[1500:1506], y[1500:1506])
+    module = _DictBatches()
+    for methods, fails in ((("gradcam", "integrated_gradcam"), False), (("expected_gradcam",), True)):
+        monitor = ExplanationMonitor(target_layer="net.features", **{**FAST, "methods": methods, "probe": probe})
+        trainer = _trainer(tmp_path, [monitor], max_epochs=1, logger=False)
+        if fails:
+            with pytest.raises(MisconfigurationException, match="the training dataset.*got dict items"):
+                trainer.fit(module, train)
+        else:
+            trainer.fit(module, train)
+            assert len(monitor.history) == 1 and "xcam/gradcam/insertion_auc" in monitor.history[0]
+
+
+def test_a_probe_drawn_from_all_training_items_names_the_fix(tmp_path: Path) -> None:
+    x, y = load_digits_tensors(16)
+    loader = DataLoader(TensorDataset(x[:8], y[:8]), batch_size=8)
+    monitor = ExplanationMonitor(target_layer="net.features", **{**FAST, "num_probe": 8})
+    with pytest.raises(MisconfigurationException, match=r"the probe takes all 8 items.*num_probe < 8"):
+        _trainer(tmp_path, [monitor], max_epochs=1, logger=False).fit(DigitsModule(), loader)
 
 
 def test_a_budget_given_to_the_monitor_keeps_its_clock_through_fit(tmp_path: Path) -> None:
