@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -326,7 +327,12 @@ class ExplanationMonitor(Callback):
             # the default store lives in the run's own log dir; a shared store path keeps runs apart by name
             self.run_id = "default" if self.store_path is None else _run_name(trainer)
         if self.store_path is not False and not trainer.fast_dev_run and trainer.is_global_zero and self._store is None:
-            self._store = ExplanationStore(self._resolve_store_path(trainer), run=self.run_id)
+            try:
+                self._store = ExplanationStore(self._resolve_store_path(trainer), run=self.run_id)
+            except sqlite3.OperationalError as err:
+                raise MisconfigurationException(
+                    f"ExplanationMonitor cannot write its store: {err} Or pass store=False to keep no store."
+                ) from err
             if not self.history and self._store.epochs():
                 rank_zero_warn(
                     f"ExplanationMonitor: the store '{self._store.path}' already holds evaluations of run "

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -322,6 +323,19 @@ def test_a_probe_drawn_from_all_training_items_names_the_fix(tmp_path: Path) -> 
     monitor = ExplanationMonitor(target_layer="net.features", **{**FAST, "num_probe": 8})
     with pytest.raises(MisconfigurationException, match=r"the probe takes all 8 items.*num_probe < 8"):
         _trainer(tmp_path, [monitor], max_epochs=1, logger=False).fit(DigitsModule(), loader)
+
+
+def test_a_store_that_cannot_be_written_fails_before_training_and_names_store_false(
+    tmp_path: Path, without_write_permission: Callable[[], None]
+) -> None:
+    ExplanationStore(tmp_path / "xcam.sqlite").close()
+    without_write_permission()
+    model = DigitsModule()
+    before = _weights(model)
+    monitor = ExplanationMonitor(target_layer="net.features", store=tmp_path / "xcam.sqlite", **FAST)
+    with pytest.raises(MisconfigurationException, match=r"cannot write its store.*store=False"):
+        _trainer(tmp_path, [monitor], max_epochs=1).fit(model, datamodule=DigitsData())
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items())
 
 
 def test_a_budget_given_to_the_monitor_keeps_its_clock_through_fit(tmp_path: Path) -> None:

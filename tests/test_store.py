@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -345,3 +346,15 @@ def test_a_store_on_a_read_only_file_system_is_read_and_refuses_writes(tmp_path:
                 store.write_config({"num_probe": 2})
     finally:
         subprocess.run(["umount", str(mounted)], capture_output=True)
+
+
+def test_a_file_without_write_permission_is_refused_at_open_not_at_the_first_write(
+    tmp_path: Path, without_write_permission: Callable[[], None]
+) -> None:
+    with ExplanationStore(tmp_path / "xcam.sqlite", run="r") as store:
+        store.write_evaluation(0, [0, 1], metrics={"gradcam": {"deletion_auc": torch.tensor([0.2, 0.3])}})
+    without_write_permission()
+    with pytest.raises(sqlite3.OperationalError, match="for writing.*readonly database.*writable `store` path"):
+        ExplanationStore(tmp_path / "xcam.sqlite", run="r")
+    with ExplanationStore(tmp_path / "xcam.sqlite", run="r", create=False) as store:
+        assert store.read_only and [row["value"] for row in store.metrics()] == pytest.approx([0.2, 0.3])
