@@ -297,10 +297,12 @@ class ExplanationStore:
     Args:
         path: The SQLite file, or a directory (then ``<path>/xcam.sqlite``). Parent directories are created.
         run: The run this object writes, and reads when a read method gets ``run=None``.
-        create: Create the file if missing; with ``False`` a missing file raises ``FileNotFoundError``
-            (for readers such as the CLI), and a store that cannot be opened for writing (a read-only file
-            system: SQLite's WAL mode needs to create ``xcam.sqlite-shm``; a file without write permission)
-            is opened read-only instead, as a finished run's snapshot (``read_only`` is then ``True``; transactions left in a ``-wal``
+        create: Create the file if missing and check at once that it can be written (a file without write
+            permission is refused here, not at the first write); with ``False`` (for readers such as the
+            CLI, which leave an existing store byte for byte as found) a missing file raises
+            ``FileNotFoundError``, and a store that cannot be opened for writing (a read-only file
+            system: SQLite's WAL mode needs to create ``xcam.sqlite-shm``) is opened read-only instead, as
+            a finished run's snapshot (``read_only`` is then ``True``; transactions left in a ``-wal``
             file by a crashed writer are not seen).
         timeout: Seconds to wait for another connection's write lock.
 
@@ -333,6 +335,7 @@ class ExplanationStore:
         self.path = path
         self.run = run
         self.read_only = False
+        self._writer = create  # readers (the report) must leave the file byte for byte as they found it
         try:
             self._connect(str(path), timeout)
         except sqlite3.OperationalError as err:
@@ -412,10 +415,11 @@ class ExplanationStore:
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-        # a file without write permission opens and reads fine and fails only at the first write: write now
-        # (the same value back), so that it is refused at open, not after an epoch of training
-        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        self._conn.execute(f"PRAGMA user_version = {int(version)}")
+        if self._writer:
+            # a file without write permission opens and reads fine and fails only at the first write: write
+            # now (the same value back), so that it is refused at open, not after an epoch of training
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            self._conn.execute(f"PRAGMA user_version = {int(version)}")
 
     def _check_meta(self, tables: set[str]) -> None:
         foreign = StoreFormatError(
