@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -180,6 +181,7 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true",
                         help="instead: mask size and blanking drop per `trainable` on a trained ResNet-18 (~7 min)")
     args = parser.parse_args()
+    load = os.getloadavg()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     images, labels = load_digits_tensors(SIZE)
@@ -207,7 +209,8 @@ def main() -> None:
             rows.append(_row("ResNet-18", resnet, "layer4", rgb, labels, n_fit, lr=0.01, trainable="tail"))
     print(
         f"GAD cost relative to one Expected Grad-CAM pass (B={BATCH}, N={N_SAMPLES}, bank {N_BANK}, {SIZE}×{SIZE}, "
-        f"4 supports, {torch.get_num_threads()} thread(s)); warm fits after 5 SGD steps of training each\n"
+        f"4 supports, {torch.get_num_threads()} thread(s)); warm fits after 5 SGD steps of training each; "
+        f"load average at start {load[0]:.2f} (1 min)\n"
     )
     print(
         "| model | fit set | split | supports train | tail (explain floor) | EGC pass | cold fit | warm fit (steps) "

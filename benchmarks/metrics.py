@@ -14,6 +14,8 @@ Run: ``python benchmarks/metrics.py``. Prints a markdown table.
 
 from __future__ import annotations
 
+import argparse
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -97,6 +99,8 @@ def _quantus_pixel_flipping(model: torch.nn.Module, x: torch.Tensor, maps: torch
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # no options; --help describes it
+    load = os.getloadavg()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
@@ -122,7 +126,7 @@ def main() -> None:
     t_loop = _best_of(lambda: _per_image_loop(model, x[:LOOP_IMAGES], maps[:LOOP_IMAGES]), 1) * BATCH / LOOP_IMAGES
 
     print(f"ResNet-18 (random weights), {BATCH} × 3 × {SIZE} × {SIZE}, {STEPS} steps, max_batch {MAX_BATCH}, "
-          f"{torch.get_num_threads()} threads\n")
+          f"{torch.get_num_threads()} threads; load average at start {load[0]:.2f} (1 min)\n")
     print("| measurement | time (s) | ratio |")
     print("|---|---|---|")
     print(f"| insertion + deletion, batched | {t_metric:.3f} | 1.00 |")

@@ -38,6 +38,7 @@ import inspect
 import itertools
 import logging
 import multiprocessing
+import os
 import statistics
 import time
 import warnings
@@ -261,6 +262,7 @@ def main() -> None:
                         help="keep only runs whose label (as printed by --runs) contains TEXT; repeatable")
     args = parser.parse_args()
     plan = _select(_plan(args.quick), args.select)
+    load = os.getloadavg()
     started = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
         outcomes = pool.map(_execute, plan, chunksize=1)
@@ -281,7 +283,8 @@ def main() -> None:
             gaps = " ".join(f"{g:+.2f}" for g in o.gaps)
             alerts = "; ".join(f"{e} {k} {c}" for e, k, c in o.alerts) or "-"
             print(f"| {o.run.label()} | {gaps} | {o.accuracy[-1]:.2f} | {alerts} | {o.seconds:.0f} |")
-    print(f"\n(total {time.perf_counter() - started:.0f} s with {args.workers} workers)")
+    print(f"\n(total {time.perf_counter() - started:.0f} s with {args.workers} workers; load average at start "
+          f"{load[0]:.2f} (1 min))")
 
 
 if __name__ == "__main__":
