@@ -25,7 +25,7 @@ def check_images(x: object, name: str = "x") -> Tensor:
 
     Raises:
         TypeError: If ``x`` is not a floating-point tensor.
-        ValueError: If ``x`` is not 4-D or has an empty batch.
+        ValueError: If ``x`` is not 4-D, has an empty batch or holds NaN or infinite values.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor of shape [B, C, H, W], got {type(x).__name__}.")
@@ -38,6 +38,9 @@ def check_images(x: object, name: str = "x") -> Tensor:
         raise ValueError(f"`{name}` has an empty batch (shape {tuple(x.shape)}); pass at least one image.")
     if not x.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}. Use `x.float()`.")
+    broken = ~torch.isfinite(x).flatten(1).all(dim=1)
+    if bool(broken.any()):
+        raise ValueError(f"`{name}` holds NaN or infinite values in images {broken.nonzero().flatten()[:8].tolist()}.")
     return x
 
 
@@ -67,6 +70,8 @@ def check_maps(maps: object, x: Tensor, name: str = "maps", nonnegative: bool = 
         raise ValueError(
             f"`{name}` has batch size {maps.shape[0]} but the images have {x.shape[0]}; pass one map per image."
         )
+    if maps.shape[1] == 0 or maps.shape[2] == 0:
+        raise ValueError(f"`{name}` has no cells (shape {tuple(maps.shape)}); pass maps of at least 1 × 1.")
     maps = maps.detach().to(device=x.device, dtype=torch.float32)
     if not bool(torch.isfinite(maps).all()):
         raise ValueError(f"`{name}` contains NaN or infinite values; explanation maps must be finite.")

@@ -36,7 +36,7 @@ def resolve_output_size(output_size: OutputSize, x: Tensor) -> tuple[int, int] |
         if output_size != "input":
             raise ValueError(f"`output_size` must be None, 'input' or (H, W), got {output_size!r}.")
         return int(x.shape[-2]), int(x.shape[-1])
-    size = tuple(output_size)
+    size = tuple(output_size) if isinstance(output_size, (tuple, list)) else ()
     if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
         raise ValueError(f"`output_size` must be None, 'input' or two positive ints (H, W), got {output_size!r}.")
     return size  # type: ignore[return-value]

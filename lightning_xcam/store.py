@@ -323,6 +323,8 @@ class ExplanationStore:
     def __init__(self, path: str | Path, run: str = "default", *, create: bool = True, timeout: float = 30.0) -> None:
         if not isinstance(run, str) or not run:
             raise TypeError(f"`run` must be a non-empty str, got {run!r}.")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"`path` must be a file or directory path, got {type(path).__name__}.")
         path = Path(path)
         if path.is_dir():
             path = path / DEFAULT_FILENAME

@@ -358,3 +358,11 @@ def test_bad_arguments_get_clear_errors(small_cnn: nn.Module) -> None:
         GradCAM(small_cnn, "features", batch_size=0)
     with pytest.raises(ValueError, match="spatial"):
         GradCAM(small_cnn, "head.0")(x)
+    with pytest.raises(ValueError, match=r"`x` holds NaN or infinite values in images \[1\]"):
+        GradCAM(small_cnn, "features")(torch.stack([x[0], x[1] * float("inf")]))
+    with pytest.raises(ValueError, match=r"`output_size` must be None, 'input' or two positive ints"):
+        GradCAM(small_cnn, "features")(x, output_size=32)
+    with pytest.raises(TypeError, match="`seed` must be an int"):
+        ExpectedGradCAM(small_cnn, "features", references=x, seed="a")
+    with pytest.raises(ValueError, match="`stream` must be an int >= 0"):
+        ExpectedGradCAM(small_cnn, "features", references=x)(x, stream="a")

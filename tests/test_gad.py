@@ -696,6 +696,14 @@ def test_errors(trained) -> None:
         GAD(net, "features", tau=0.0)
     with pytest.raises(ValueError, match="lambdas"):
         GAD(net, "features", lambdas=())
+    with pytest.raises(ValueError, match="`lambdas` must be a non-empty sequence"):
+        GAD(net, "features", lambdas=1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tau"):
+        GAD(net, "features", tau=True)
+    with pytest.raises(TypeError, match="`shared_trunk` must be True or False"):
+        GAD(net, "features", shared_trunk="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`seed` must be an int"):
+        GAD(net, "features", seed="a")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="base"):
         GAD(net, "features", base="lime")
     with pytest.raises(TypeError, match="base"):

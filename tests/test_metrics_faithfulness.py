@@ -360,6 +360,14 @@ def test_constant_maps_upsample_exactly_and_mask_nothing() -> None:
     torch.testing.assert_close(drop, ((before - blank).clamp_min(0) / (before + 1e-7)).detach())
 
 
+def test_non_finite_user_inputs_are_named_not_reported_as_internal_errors(digits, sharp_cnn) -> None:
+    x, maps = digits[0][:2], torch.rand(2, 4, 4)
+    with pytest.raises(ValueError, match="`substrate` holds NaN"):
+        deletion_auc(sharp_cnn, x, maps, substrate=torch.full((1, 1, 1), float("nan")))
+    with pytest.raises(ValueError, match="`perturb_fn` returned perturbations with NaN"):
+        infidelity(sharp_cnn, x, maps, perturb_fn=lambda v: (v * float("nan"), v))
+
+
 def test_a_single_logit_model_is_refused_with_the_two_logit_wrapper() -> None:
     # softmax over one score is 1 whatever the image: every curve would be flat and read as a result
     model = SmallCNN(in_channels=1, num_classes=1).eval()

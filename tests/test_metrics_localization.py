@@ -123,9 +123,11 @@ def test_sparseness_and_entropy_by_hand() -> None:
     assert torch.allclose(values, torch.tensor([0.0, math.log(4), -(p * np.log(p)).sum(), math.log(4)], dtype=torch.float32), atol=1e-6)
     assert torch.allclose(entropy(maps, normalized=True)[1:2], torch.ones(1))
     assert torch.equal(valid, torch.tensor([True, True, True, False]))
-    # Scale invariance and signed maps (absolute values).
+    # Scale invariance and signed maps (absolute values), up to float32's largest values (sums overflowed)
     assert torch.allclose(sparseness(-3 * maps[2:3]), gini[2:3], atol=1e-6)
     assert torch.allclose(entropy(7 * maps[2:3]), values[2:3], atol=1e-6)
+    assert torch.allclose(sparseness(maps[2:3] * 7e37), gini[2:3], atol=1e-6)
+    assert torch.allclose(entropy(maps[2:3] * 7e37), values[2:3], atol=1e-6)
 
 
 def test_complexity_equals_quantus(horse) -> None:
@@ -148,6 +150,8 @@ def test_bad_arguments() -> None:
         relevance_mass(maps, torch.full((2, 4, 4), 0.5))
     with pytest.raises(ValueError, match=r"\[B, h, w\]"):
         sparseness(torch.rand(4, 4))
+    with pytest.raises(ValueError, match=r"no cells \(shape \(2, 0, 0\)\)"):
+        entropy(torch.rand(2, 0, 0))
     with pytest.raises(TypeError, match="masks"):
         pointing_game(maps, [[0]])
     with pytest.raises(ValueError, match="tolerance"):

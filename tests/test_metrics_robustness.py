@@ -119,3 +119,8 @@ def test_bad_arguments() -> None:
         max_sensitivity(lambda x, targets=None: x[:1, 0], x)
     with pytest.raises(ValueError, match="perturb_fn"):
         max_sensitivity(explain, x, perturb_fn=lambda v, r: v[:1])
+    # a user's NaN is named as theirs, not reported as an internal error
+    with pytest.raises(ValueError, match="`perturb_fn` returned perturbed inputs with NaN"):
+        max_sensitivity(explain, x, perturb_fn=lambda v, r: v * float("nan"))
+    with pytest.raises(ValueError, match="the explainer returned maps with NaN"):
+        max_sensitivity(lambda x, targets=None: x[:, 0] * float("nan"), x)

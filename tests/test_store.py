@@ -200,6 +200,8 @@ def test_non_finite_values_are_refused_and_nothing_is_written(tmp_path: Path) ->
 
 
 def test_argument_errors(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="`path` must be a file or directory path, got NoneType"):
+        ExplanationStore(None)  # type: ignore[arg-type]
     with ExplanationStore(tmp_path / "s.sqlite") as store:
         with pytest.raises(ValueError, match="3 values but `sample_ids` has 4"):
             store.write_evaluation(0, range(B), metrics={"gad": {"x": [1.0, 2.0, 3.0]}})

@@ -256,6 +256,8 @@ class _CAM:
             sample_ids: As in :meth:`__call__`.
             stream: As in :meth:`__call__`.
         """
+        if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
+            raise ValueError(f"`stream` must be an int >= 0 (0: the main draws, 1: the replicate), got {stream!r}.")
         ids = self._sample_ids(sample_ids, x)
         path = self._path(probe, x, targets, ids, stream)
         parts: list[tuple[Tensor, ...]] = []
@@ -511,6 +513,8 @@ class ExpectedGradCAM(_CAM):
         ):
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"`seed` must be an int, got {seed!r}.")
         self.references = references.detach()
         self.n_samples = n_samples
         self.noise_std = float(noise_std)

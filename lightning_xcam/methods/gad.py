@@ -707,11 +707,17 @@ class GAD:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        lambdas = tuple(lambdas)
-        if not lambdas or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in lambdas):
+        if not isinstance(lambdas, (tuple, list)) or not lambdas or not all(
+            not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in lambdas
+        ):
             raise ValueError(f"`lambdas` must be a non-empty sequence of positive numbers, got {lambdas!r}.")
-        if not (isinstance(tau, (int, float)) and 0 < tau <= 1):
+        lambdas = tuple(lambdas)
+        if isinstance(tau, bool) or not (isinstance(tau, (int, float)) and 0 < tau <= 1):
             raise ValueError(f"`tau` must lie in (0, 1], got {tau!r}.")
+        if not isinstance(shared_trunk, bool):
+            raise TypeError(f"`shared_trunk` must be True or False, got {shared_trunk!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"`seed` must be an int, got {seed!r}.")
         for name, value, least in (("steps", steps, 1), ("warm_steps", warm_steps, 0), ("fit_batch_size", fit_batch_size, 1)):
             if value is None and name == "fit_batch_size":
                 continue

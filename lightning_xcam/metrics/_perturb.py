@@ -83,7 +83,7 @@ def make_substrate(x: Tensor, substrate: Substrate) -> Tensor:
 
     Raises:
         TypeError: If ``substrate`` is neither a string nor a tensor.
-        ValueError: On an unknown name or a tensor that does not broadcast to ``x``.
+        ValueError: On an unknown name, or a tensor that does not broadcast to ``x`` or is not finite.
 
     Example:
         >>> x = torch.ones(2, 3, 8, 8)
@@ -92,6 +92,8 @@ def make_substrate(x: Tensor, substrate: Substrate) -> Tensor:
     """
     check_images(x)
     if isinstance(substrate, Tensor):
+        if not bool(torch.isfinite(substrate).all()):
+            raise ValueError("`substrate` holds NaN or infinite values; pass a finite image or colour.")
         try:
             return torch.broadcast_to(substrate.to(device=x.device, dtype=x.dtype), x.shape)
         except RuntimeError as err:

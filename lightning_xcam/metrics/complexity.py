@@ -39,11 +39,12 @@ def sparseness(maps: Tensor, return_valid: bool = False) -> Result:
         tensor([0.7500])
     """
     maps = check_lone_maps(maps, nonnegative=False)
-    values = torch.sort(maps.abs().flatten(1) + _GINI_EPS, dim=1).values
+    # float64: the sums of float32 maps near their largest values (3e38) would overflow to inf
+    values = torch.sort(maps.abs().flatten(1).double() + _GINI_EPS, dim=1).values
     n = values.shape[1]
     weights = 2 * torch.arange(1, n + 1, device=values.device, dtype=values.dtype) - n - 1
     gini = (values * weights).sum(dim=1) / (n * values.sum(dim=1))
-    return finish(gini, ~degenerate(maps.abs()), return_valid)
+    return finish(gini.float(), ~degenerate(maps.abs()), return_valid)
 
 
 def entropy(maps: Tensor, normalized: bool = False, return_valid: bool = False) -> Result:
@@ -65,7 +66,7 @@ def entropy(maps: Tensor, normalized: bool = False, return_valid: bool = False) 
         tensor([0.6931])
     """
     maps = check_lone_maps(maps, nonnegative=False)
-    magnitude = maps.abs().flatten(1)
+    magnitude = maps.abs().flatten(1).double()  # float64: see sparseness
     valid = ~degenerate(magnitude)
     # An all-zero map becomes uniform: the same reading Gini's epsilon gives it.
     magnitude = torch.where(valid.unsqueeze(1), magnitude, torch.ones_like(magnitude))
@@ -74,4 +75,4 @@ def entropy(maps: Tensor, normalized: bool = False, return_valid: bool = False) 
     if normalized:
         n = magnitude.shape[1]
         values = values / math.log(n) if n > 1 else torch.zeros_like(values)
-    return finish(values, valid, return_valid)
+    return finish(values.float(), valid, return_valid)

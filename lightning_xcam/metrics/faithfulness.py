@@ -290,6 +290,8 @@ def infidelity(
                             f"`perturb_fn` returned {name} of shape {tuple(value.shape)}; expected the shape of "
                             f"its input {tuple(repeated.shape)}."
                         )
+                    if not bool(torch.isfinite(value).all()):
+                        raise ValueError(f"`perturb_fn` returned {name} with NaN or infinite values.")
                 noise, perturbed = noise.to(repeated), perturbed.to(repeated)  # the device and dtype of the images
             rows = repeated.shape[0]
             for phi, parts in zip(phis, a_parts):

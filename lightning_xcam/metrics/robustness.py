@@ -41,6 +41,8 @@ def _explain(explainer: Explainer, x: Tensor, targets: Tensor | None, ids: Tenso
             f"the explainer returned shape {tuple(maps.shape)} for {x.shape[0]} images; "
             "it must return one map per image."
         )
+    if not bool(torch.isfinite(maps).all()):
+        raise ValueError("the explainer returned maps with NaN or infinite values; explanation maps must be finite.")
     return maps.detach().float().flatten(1)
 
 
@@ -148,6 +150,8 @@ def max_sensitivity(
                 f"`perturb_fn` must return perturbed inputs of shape {tuple(repeated.shape)}, got "
                 f"{tuple(perturbed.shape) if isinstance(perturbed, Tensor) else type(perturbed).__name__}."
             )
+        if not bool(torch.isfinite(perturbed).all()):
+            raise ValueError("`perturb_fn` returned perturbed inputs with NaN or infinite values.")
     row_targets = None if resolved is None else resolved.repeat_interleave(n_samples)
     row_ids = ids.repeat_interleave(n_samples)
     rows = perturbed.shape[0]
