@@ -94,6 +94,10 @@ def test_twin_contract() -> None:
     metric = M.Sparseness()
     with pytest.warns(UserWarning, match="before the ``update``"):
         assert metric.compute().item() == 0.0  # nothing valid seen: 0, never NaN
+    metric.update(torch.zeros(2, 3, 3))  # degenerate only: the placeholder says it is not a score
+    with pytest.warns(UserWarning, match=r"no valid item to average \(2 left out"):
+        assert metric.compute().item() == 0.0
+    metric.reset()
     assert M.InsertionAUC.higher_is_better and not M.DeletionAUC.higher_is_better
     assert not M.Infidelity.is_differentiable and M.Entropy.full_state_update is False
     from torchmetrics.utilities.data import dim_zero_sum
@@ -104,6 +108,9 @@ def test_twin_contract() -> None:
     assert metric.num_valid == 0
     with pytest.raises(ValueError, match="classes"):
         M.PointingGame(num_classes=2).update(torch.rand(1, 3, 3), torch.ones(1, 3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="`classes` must be a LongTensor"):  # 1.7 is not silently class 1
+        M.PointingGame(num_classes=2).update(torch.rand(1, 3, 3), torch.ones(1, 3, 3, dtype=torch.bool),
+                                             classes=torch.tensor([1.7]))
     with pytest.raises(ValueError, match="num_classes"):
         M.Sparseness(num_classes=0)
     with pytest.raises(ValueError):

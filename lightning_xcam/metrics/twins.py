@@ -10,6 +10,7 @@ game's benchmark aggregate). Values do not depend on how the items were split in
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -110,7 +111,7 @@ class ExplanationMetric(Metric):
                 raise ValueError("`classes` is only used with `num_classes`; construct the metric with num_classes=K.")
             buckets = torch.zeros_like(valid, dtype=torch.long)
         else:
-            if not isinstance(classes, Tensor) or classes.shape != values.shape:
+            if not isinstance(classes, Tensor) or classes.shape != values.shape or classes.is_floating_point():
                 raise ValueError(
                     f"`classes` must be a LongTensor of shape {tuple(values.shape)} when num_classes is set."
                 )
@@ -122,9 +123,16 @@ class ExplanationMetric(Metric):
         self.degenerate += (~valid).sum()
 
     def compute(self) -> Tensor:
-        """Mean over valid items (per class, then over classes seen); 0.0 if no valid item was seen."""
+        """Mean over valid items (per class, then over classes seen); 0.0 with a warning if no valid item
+        was seen (a placeholder, not a score: never NaN)."""
         seen = self.count > 0
         if not bool(seen.any()):
+            warnings.warn(
+                f"{type(self).__name__}: no valid item to average ({int(self.degenerate)} left out: degenerate "
+                "maps or empty masks); 0.0 is returned as a placeholder, not a score.",
+                UserWarning,
+                stacklevel=2,
+            )
             return torch.zeros((), device=self.total.device)
         return (self.total[seen] / self.count[seen]).mean()
 
