@@ -144,11 +144,14 @@ class ExplanationMonitor(Callback):
         stopped_epoch: Epoch at which ``on_alert="stop"`` stopped training (``-1``: it did not).
 
     Each ``fit`` is a new run: this state starts afresh in ``setup`` and comes back from the checkpoint when
-    a fit resumes.
+    a fit resumes. Attach one monitor per fit, listing every method it should run: two would write the
+    same store run and the same ``xcam/alert`` scalars.
 
     Raises:
-        MisconfigurationException: On invalid arguments (at construction), an unknown or non-spatial
-            layer, an empty probe or a probe larger than the dataset (before the first training batch).
+        MisconfigurationException: On invalid arguments (at construction); a second monitor on the
+            trainer, an unknown or non-spatial layer, a model whose logits are not ``[B, K >= 2]`` or that
+            fails on the probe, a probe that is empty, larger than the dataset or not finite, or a store
+            that cannot be written (before the first training batch).
 
     Example::
 
@@ -292,6 +295,12 @@ class ExplanationMonitor(Callback):
             # before Lightning restores a checkpoint's callback state; a monitor reused for a second fit
             # must not explain the first fit's model nor count its epochs as done
             self._start_run()
+        monitors = [c for c in trainer.callbacks if isinstance(c, ExplanationMonitor)]
+        if len(monitors) > 1:
+            raise MisconfigurationException(
+                f"{len(monitors)} ExplanationMonitors are attached to this trainer; they would write the same store "
+                "run and the same `xcam/alert` scalars. Attach one and list every method in its `methods`."
+            )
         name = type(trainer.strategy).__name__
         if any(word in name for word in ("FSDP", "DeepSpeed")):
             raise MisconfigurationException(

@@ -347,6 +347,14 @@ def test_a_budget_given_to_the_monitor_keeps_its_clock_through_fit(tmp_path: Pat
     assert monitor.budget is budget and budget.evaluations == 1 and budget.trained == float(int(budget.trained)) > 0
 
 
+def test_a_second_monitor_on_one_fit_is_refused_before_training(tmp_path: Path) -> None:
+    # they would replace each other's store rows epoch by epoch (both write run "default")
+    monitors = [ExplanationMonitor(target_layer="net.features", every_n_epochs=n, **{**FAST, "methods": (m,)})
+                for n, m in ((1, "gradcam"), (2, "expected_gradcam"))]
+    with pytest.raises(MisconfigurationException, match=r"2 ExplanationMonitors.*list every method"):
+        _trainer(tmp_path, monitors, max_epochs=1).fit(DigitsModule(), datamodule=DigitsData())
+
+
 def test_state_key_names_the_identifying_arguments() -> None:
     monitor = ExplanationMonitor(target_layer="net.features", every_n_epochs=2, num_probe=8)
     assert monitor.state_key == "ExplanationMonitor{'target_layer': 'net.features', 'every_n_epochs': 2, 'num_probe': 8}"
