@@ -39,12 +39,13 @@ def sparseness(maps: Tensor, return_valid: bool = False) -> Result:
         tensor([0.7500])
     """
     maps = check_lone_maps(maps, nonnegative=False)
-    # float64: the sums of float32 maps near their largest values (3e38) would overflow to inf
-    values = torch.sort(maps.abs().flatten(1).double() + _GINI_EPS, dim=1).values
+    values = torch.sort(maps.abs().flatten(1) + _GINI_EPS, dim=1).values
+    # the index is scale-free in `a`: dividing by the largest value keeps maps near 3e38 from summing to inf
+    values = values / values[:, -1:]
     n = values.shape[1]
     weights = 2 * torch.arange(1, n + 1, device=values.device, dtype=values.dtype) - n - 1
     gini = (values * weights).sum(dim=1) / (n * values.sum(dim=1))
-    return finish(gini.float(), ~degenerate(maps.abs()), return_valid)
+    return finish(gini, ~degenerate(maps.abs()), return_valid)
 
 
 def entropy(maps: Tensor, normalized: bool = False, return_valid: bool = False) -> Result:
@@ -66,8 +67,10 @@ def entropy(maps: Tensor, normalized: bool = False, return_valid: bool = False) 
         tensor([0.6931])
     """
     maps = check_lone_maps(maps, nonnegative=False)
-    magnitude = maps.abs().flatten(1).double()  # float64: see sparseness
+    magnitude = maps.abs().flatten(1)
     valid = ~degenerate(magnitude)
+    # P is scale-free too (see sparseness)
+    magnitude = magnitude / magnitude.amax(dim=1, keepdim=True).clamp_min(torch.finfo(magnitude.dtype).tiny)
     # An all-zero map becomes uniform: the same reading Gini's epsilon gives it.
     magnitude = torch.where(valid.unsqueeze(1), magnitude, torch.ones_like(magnitude))
     p = magnitude / magnitude.sum(dim=1, keepdim=True)
@@ -75,4 +78,4 @@ def entropy(maps: Tensor, normalized: bool = False, return_valid: bool = False) 
     if normalized:
         n = magnitude.shape[1]
         values = values / math.log(n) if n > 1 else torch.zeros_like(values)
-    return finish(values.float(), valid, return_valid)
+    return finish(values, valid, return_valid)
