@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -698,6 +699,8 @@ def test_errors(trained) -> None:
         GAD(net, "features", lambdas=())
     with pytest.raises(ValueError, match="`lambdas` must be a non-empty sequence"):
         GAD(net, "features", lambdas=1.0)  # type: ignore[arg-type]
+    assert GAD(net, "features", lambdas=range(1, 3)).lambdas == (1.0, 2.0)  # any sequence of reals
+    assert GAD(net, "features", lambdas=np.array([0.5, 4.0])).lambdas == (0.5, 4.0)
     with pytest.raises(ValueError, match="tau"):
         GAD(net, "features", tau=True)
     with pytest.raises(TypeError, match="`shared_trunk` must be True or False"):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -707,11 +708,14 @@ class GAD:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        if not isinstance(lambdas, (tuple, list)) or not lambdas or not all(
-            not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in lambdas
-        ):
+        try:  # any sequence of reals: a tuple, a range, a NumPy array
+            items = [] if isinstance(lambdas, str) else list(lambdas)
+        except TypeError:
+            items = []
+        values = tuple(float(v) for v in items if not isinstance(v, bool) and isinstance(v, numbers.Real))
+        if not values or len(values) != len(items) or not all(math.isfinite(v) and v > 0 for v in values):
             raise ValueError(f"`lambdas` must be a non-empty sequence of positive numbers, got {lambdas!r}.")
-        lambdas = tuple(lambdas)
+        lambdas = values
         if isinstance(tau, bool) or not (isinstance(tau, (int, float)) and 0 < tau <= 1):
             raise ValueError(f"`tau` must lie in (0, 1], got {tau!r}.")
         if not isinstance(shared_trunk, bool):
