@@ -875,8 +875,8 @@ def region_reliance(
     leaves room; else wrapped around the image so that they share no pixel with ``R`` (all four corners
     become a central block); else overlapping ``R`` (see ``controls_overlap``; shifts reuse when fewer
     positions exist). A region that every translation meets (a frame around the image) is compared with
-    equal-area rings of the other pixels, nearest first (the rings inside the frame); one covering more
-    than half of the image has no such ring and is its own control, giving ``z = 0``. All
+    equal-area rings of the other pixels, nearest first (the rings inside the frame); such a region covering
+    more than half of the image has no such ring and is its own control, giving ``z = 0``. All
     ``B·(1 + n_random)`` filled inputs are built lazily and forwarded in chunks of ``max_batch`` inside
     :func:`explanation_context`; the model is left exactly as found.
 

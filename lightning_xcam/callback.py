@@ -144,12 +144,12 @@ class ExplanationMonitor(Callback):
         stopped_epoch: Epoch at which ``on_alert="stop"`` stopped training (``-1``: it did not).
 
     Each ``fit`` is a new run: this state starts afresh in ``setup`` and comes back from the checkpoint when
-    a fit resumes. Attach one monitor per fit, listing every method it should run: two would write the
-    same store run and the same ``xcam/alert`` scalars.
+    a fit resumes. Several monitors (one per layer, say) need their own ``store`` paths, and their scalars
+    share the ``xcam/`` names: give them different ``methods``, or read each one's ``history``.
 
     Raises:
-        MisconfigurationException: On invalid arguments (at construction); a second monitor on the
-            trainer, an unknown or non-spatial layer, a model whose logits are not ``[B, K >= 2]`` or that
+        MisconfigurationException: On invalid arguments (at construction); a second monitor writing the
+            same store run, an unknown or non-spatial layer, a model whose logits are not ``[B, K >= 2]`` or that
             fails on the probe, a probe that is empty, larger than the dataset or not finite, or a store
             that cannot be written (before the first training batch).
 
@@ -199,8 +199,8 @@ class ExplanationMonitor(Callback):
         _check_int("n_perturb", n_perturb, 1)
         _check_int("alert_patience", alert_patience, 1)
         _check_int("seed", seed, 0)
-        if seed >= 2**63:
-            raise MisconfigurationException(f"`seed` must be below 2**63 (a torch.Generator seed), got {seed}.")
+        if seed >= 2**64:
+            raise MisconfigurationException(f"`seed` must be below 2**64 (a torch.Generator seed), got {seed}.")
         if batch_size is not None:
             _check_int("batch_size", batch_size, 1)
         methods = _check_names("methods", methods, METHODS)
@@ -295,12 +295,6 @@ class ExplanationMonitor(Callback):
             # before Lightning restores a checkpoint's callback state; a monitor reused for a second fit
             # must not explain the first fit's model nor count its epochs as done
             self._start_run()
-        monitors = [c for c in trainer.callbacks if isinstance(c, ExplanationMonitor)]
-        if len(monitors) > 1:
-            raise MisconfigurationException(
-                f"{len(monitors)} ExplanationMonitors are attached to this trainer; they would write the same store "
-                "run and the same `xcam/alert` scalars. Attach one and list every method in its `methods`."
-            )
         name = type(trainer.strategy).__name__
         if any(word in name for word in ("FSDP", "DeepSpeed")):
             raise MisconfigurationException(
@@ -335,9 +329,12 @@ class ExplanationMonitor(Callback):
         if self.run_id is None:
             # the default store lives in the run's own log dir; a shared store path keeps runs apart by name
             self.run_id = "default" if self.store_path is None else _run_name(trainer)
+        if self.store_path is not False and not trainer.fast_dev_run and self._store is None:
+            path = self._resolve_store_path(trainer)  # on every rank: `trainer.log_dir` is a collective
         if self.store_path is not False and not trainer.fast_dev_run and trainer.is_global_zero and self._store is None:
+            self._refuse_a_shared_store_run(trainer, path)
             try:
-                self._store = ExplanationStore(self._resolve_store_path(trainer), run=self.run_id)
+                self._store = ExplanationStore(path, run=self.run_id)
             except sqlite3.OperationalError as err:
                 raise MisconfigurationException(
                     f"ExplanationMonitor cannot write its store: {err} Or pass store=False to keep no store."
@@ -472,7 +469,7 @@ class ExplanationMonitor(Callback):
             )
             return
         seconds_per_forward = (time.perf_counter() - predicted) / self._data.x.shape[0]
-        data = self._data.shard(trainer, pl_module, limit=2 if minimal else None)
+        data = self._data.shard(trainer, pl_module, limit=max(2, trainer.world_size) if minimal else None)
         per_sample: dict[str, dict[str, Tensor]] = {}
         maps_by_method: dict[str, Tensor] = {}
         floors: dict[str, tuple[Tensor, Tensor]] = {}
@@ -765,6 +762,18 @@ class ExplanationMonitor(Callback):
                 if shown:
                     logger.experiment.add_image(f"xcam_alerts/{kind}/evidence", stack_rows(shown), global_step=step)
 
+    def _refuse_a_shared_store_run(self, trainer: pl.Trainer, path: Path) -> None:
+        """Two monitors writing one run of one store would replace each other's rows epoch by epoch."""
+        for other in trainer.callbacks:
+            if other is self or not isinstance(other, ExplanationMonitor) or other._store is None:
+                continue
+            if other._store.path.resolve() == path.resolve() and other.run_id == self.run_id:
+                raise MisconfigurationException(
+                    f"two ExplanationMonitors would write run {self.run_id!r} of the store '{path}' (the "
+                    f"monitors on `{other.target_layer}` and `{self.target_layer}`); give each its own `store=` "
+                    "path, or store=False to one."
+                )
+
     def _resolve_store_path(self, trainer: pl.Trainer) -> Path:
         if isinstance(self.store_path, (str, Path)):
             return Path(self.store_path)
@@ -839,13 +848,21 @@ class _ProbeData:
                 probe_idx = set(indices) if probe_set is train else None
             source = ("`probe`" if monitor.probe is not None
                       else "the training dataset" if probe_set is train else "the validation dataset")
-            x, masks = _stack([probe_set[i] for i in indices], source)
+            # explicit `spurious_masks` replace what the items carry, so their third element is not read
+            x, masks = _stack([probe_set[i] for i in indices], source, with_masks=monitor.spurious_masks is None)
             broken = (~torch.isfinite(x).flatten(1).all(dim=1)).nonzero().flatten().tolist()
             if broken:
                 raise MisconfigurationException(
                     f"the probe items {[indices[i] for i in broken][:8]} of {source} hold NaN or infinite pixels; "
                     "the model's outputs on them are not finite, so every evaluation would be skipped. Pass "
                     "`probe=` items with finite images."
+                )
+            world, count = trainer.world_size, x.shape[0]
+            if (world - 1) * math.ceil(count / world) >= count:  # the ranks split the probe in ceil(P/W) rows
+                raise MisconfigurationException(
+                    f"the probe's {count} items leave some of the {world} ranks without an item to explain (each "
+                    f"takes {math.ceil(count / world)}); pass a probe of a multiple of {world} items "
+                    f"(num_probe={world * max(1, count // world)}, say)."
                 )
             references = fit = x[:0]
             uses_bank = bool(_USES_REFERENCES & set(monitor.methods))
@@ -924,10 +941,10 @@ def _dataset(loaders: Any) -> Any:
     return getattr(loaders, "dataset", None)
 
 
-def _stack(items: list[Any], source: str) -> tuple[Tensor, Tensor | None]:
-    """Images and, when the items carry them, masks; labels are not read (the explained class is the
-    model's own prediction, ALGORITHMS.md §1.2, see ``predict_targets``). ``source`` names the dataset in
-    errors."""
+def _stack(items: list[Any], source: str, with_masks: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Images and, with ``with_masks`` and when the items carry them, masks; labels are not read (the
+    explained class is the model's own prediction, ALGORITHMS.md §1.2, see ``predict_targets``). ``source``
+    names the dataset in errors."""
     if not items:
         raise MisconfigurationException(f"ExplanationMonitor drew no items from {source}; it is empty.")
     first = items[0]
@@ -942,20 +959,22 @@ def _stack(items: list[Any], source: str) -> tuple[Tensor, Tensor | None]:
     except (TypeError, ValueError, RuntimeError) as error:
         raise _item_error(source, f"{type(first).__name__} items whose first element is a {type(first[0]).__name__}") from error
     # A third column is a mask only when it has the images' size (a sample weight or a box is not).
-    third = [torch.as_tensor(v) for v in columns[2]] if len(columns) > 2 else []
+    third = [torch.as_tensor(v) for v in columns[2]] if with_masks and len(columns) > 2 else []
     if third and all(t.squeeze().shape == x.shape[-2:] for t in third):
         return x, _binary_masks(torch.stack([t.squeeze() for t in third]), f"the masks of {source}")
     return x, None
 
 
 def _binary_masks(masks: Tensor, name: str) -> Tensor:
-    """``masks`` as booleans; a value other than 0/1 (a soft weight, NaN) is refused, not rounded."""
-    if masks.dtype != torch.bool and not bool(((masks == 0) | (masks == 1)).all()):
+    """``masks`` as booleans: integer masks are True where nonzero (0/255 images); a floating value other
+    than 0/1 (a soft weight, NaN) is refused, not rounded."""
+    if masks.is_floating_point() and not bool(((masks == 0) | (masks == 1)).all()):
         raise MisconfigurationException(
-            f"{name} must be boolean or 0/1 (a suspect region per item), got values such as "
-            f"{masks[(masks != 0) & (masks != 1)].flatten()[:3].tolist()}; threshold soft masks first, e.g. mask > 0.5."
+            f"{name} must be boolean, integer or 0/1 (a suspect region per item), got values such as "
+            f"{masks[(masks != 0) & (masks != 1)].flatten()[:3].tolist()}; threshold soft masks first, e.g. "
+            "mask > 0.5. If that item is not a mask, pass `spurious_masks=` or a dataset of (x, y) items."
         )
-    return masks.bool()
+    return masks != 0
 
 
 def _item_error(source: str, got: str) -> MisconfigurationException:
@@ -984,8 +1003,8 @@ def _signal_scalars(observations: Sequence[Observation]) -> dict[str, float]:
         elif obs.kind == "spurious_mass":
             scalars["spurious_mass"] = obs.value
             if obs.drop_region is not None:
-                # the drop itself, not its gap: a mask covering more than half of the image has no
-                # equal-area control apart from it, so its gap is 0 whatever the model does
+                # the drop itself, not its gap: a mask that no translation moves apart and that covers
+                # more than half of the image is its own control, so its gap is 0 whatever the model does
                 scalars["spurious_fill_drop"] = obs.drop_region
         elif obs.kind == "intervention":
             scalars["tiny_region_z"] = obs.value

@@ -12,6 +12,7 @@ import textwrap
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xcam import ExplanationMonitor
 from lightning_xcam.budget import CostBudget
+from lightning_xcam.callback import _ProbeData
 from lightning_xcam.demos import DigitsClassifier, SmallCNN, load_digits_tensors
 from lightning_xcam.methods.cam import ExpectedGradCAM
 from lightning_xcam.methods.gad import GAD
@@ -150,12 +152,14 @@ def test_resume_continues_history_and_store_once_per_epoch(tmp_path: Path) -> No
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn on CPU")
 def test_ddp_spawn_explains_every_probe_item_once(tmp_path: Path) -> None:
-    store = tmp_path / "xcam.sqlite"
+    # the default store: its path comes from `trainer.log_dir`, a collective that every rank must call (a
+    # rank-0-only call left the ranks' collectives out of step, and the fit hung)
+    store = tmp_path / "version_0" / "xcam.sqlite"
     options = {**FAST, "num_probe": 7, "max_overhead": 1e6}  # a budget, so rank 0's plan is broadcast; all fit
-    monitor = ExplanationMonitor(target_layer="net.features", store=str(store), **options)
+    monitor = ExplanationMonitor(target_layer="net.features", **options)
     trainer = _trainer(tmp_path, [monitor], max_epochs=1, strategy="ddp_spawn", devices=2, deterministic=False)
     trainer.fit(DigitsModule(), datamodule=DigitsData())
-    with ExplanationStore(store, run="version_0") as db:
+    with ExplanationStore(store, create=False) as db:
         rows = db.metrics(method="expected_gradcam", metric="insertion_auc", epoch=0)
         assert sorted(r["sample"] for r in rows) == sorted(set(r["sample"] for r in rows))
         assert len(rows) == 7
@@ -221,13 +225,13 @@ def test_store_survives_a_process_killed_mid_evaluation(tmp_path: Path) -> None:
         ({"methods": "gadd"}, r"unknown entries \['gadd'\]"),
         ({"metrics": ("insertion", "insertion")}, "more than once"),
         ({"seed": "0"}, "seed"),
-        ({"seed": 2**70}, r"below 2\*\*63"),
+        ({"seed": 2**64}, r"below 2\*\*64"),
         ({"methods": None}, r"`methods` must be a name or a sequence of names.*got NoneType"),
         ({"metrics": 3}, r"`metrics` must be a name or a sequence of names.*got int"),
         ({"noise_std": True}, "noise_std"),
         ({"target_layer": 3}, r"`target_layer` must be a module name.*got int"),
         ({"spurious_masks": torch.full((6, 16, 16), 0.4), "probe": TensorDataset(torch.zeros(6, 1, 16, 16))},
-         r"`spurious_masks` must be boolean or 0/1.*\[0.4"),
+         r"`spurious_masks` must be boolean, integer or 0/1.*\[0.4"),
         ({"spurious_masks": [[0, 1]]}, r"spurious_masks.*\[P, H, W\]"),
         ({"spurious_masks": torch.zeros(6, 16, 16)}, "explicit `probe`"),
     ],
@@ -266,7 +270,7 @@ class _Stream(torch.utils.data.IterableDataset):
         ({"probe": TensorDataset(torch.zeros(6, 1, 16, 16).index_fill_(0, torch.tensor([4]), float("nan")),
                                  torch.zeros(6))}, r"probe items \[4\] of `probe` hold NaN"),
         ({"probe": TensorDataset(torch.zeros(6, 1, 16, 16), torch.zeros(6), torch.rand(6, 16, 16))},
-         r"the masks of `probe` must be boolean or 0/1"),
+         r"the masks of `probe` must be boolean, integer or 0/1.*`spurious_masks=`"),
         ({"probe": _Stream()}, r"`probe`, which has no length \(_Stream, e.g. an IterableDataset\)"),
     ],
 )
@@ -347,12 +351,42 @@ def test_a_budget_given_to_the_monitor_keeps_its_clock_through_fit(tmp_path: Pat
     assert monitor.budget is budget and budget.evaluations == 1 and budget.trained == float(int(budget.trained)) > 0
 
 
-def test_a_second_monitor_on_one_fit_is_refused_before_training(tmp_path: Path) -> None:
-    # they would replace each other's store rows epoch by epoch (both write run "default")
-    monitors = [ExplanationMonitor(target_layer="net.features", every_n_epochs=n, **{**FAST, "methods": (m,)})
-                for n, m in ((1, "gradcam"), (2, "expected_gradcam"))]
-    with pytest.raises(MisconfigurationException, match=r"2 ExplanationMonitors.*list every method"):
-        _trainer(tmp_path, monitors, max_epochs=1).fit(DigitsModule(), datamodule=DigitsData())
+def test_two_monitors_on_two_layers_need_their_own_stores(tmp_path: Path) -> None:
+    def monitors(shared: bool) -> list[ExplanationMonitor]:
+        return [ExplanationMonitor(target_layer=layer, store=None if shared else tmp_path / f"{method}.sqlite",
+                                   seed=2**64 - 1, **{**FAST, "methods": (method,)})
+                for layer, method in (("net.features", "gradcam"), ("net.features.0", "expected_gradcam"))]
+
+    # in one store run they would replace each other's rows epoch by epoch
+    with pytest.raises(MisconfigurationException, match=r"two ExplanationMonitors would write run 'default'.*`store=`"):
+        _trainer(tmp_path, monitors(shared=True), max_epochs=1).fit(DigitsModule(), datamodule=DigitsData())
+    apart = monitors(shared=False)
+    _trainer(tmp_path, apart, max_epochs=1).fit(DigitsModule(), datamodule=DigitsData())
+    for monitor, method in zip(apart, ("gradcam", "expected_gradcam")):
+        with ExplanationStore(tmp_path / f"{method}.sqlite", run="version_0", create=False) as store:
+            assert store.methods() == [method] and store.epochs() == [0]
+
+
+def test_a_probe_that_leaves_a_rank_without_items_is_refused() -> None:
+    # ranks take ceil(P/W) rows each: 5 items on 4 ranks leave the last one none (its explainer saw an empty batch)
+    monitor = ExplanationMonitor(probe=TensorDataset(torch.zeros(5, 1, 16, 16)), methods="gradcam")
+    trainer = SimpleNamespace(train_dataloader=None, val_dataloaders=None, world_size=4)
+    with pytest.raises(MisconfigurationException, match=r"5 items leave some of the 4 ranks.*num_probe=4"):
+        _ProbeData.draw(monitor, trainer, None)
+    monitor.probe = TensorDataset(torch.zeros(4, 1, 16, 16))
+    assert _ProbeData.draw(monitor, trainer, None).x.shape[0] == 4
+
+
+def test_explicit_spurious_masks_replace_what_probe_items_carry() -> None:
+    # an image-sized third element that is not a mask (a weight map) is not read when masks are given
+    masks = torch.zeros(4, 16, 16, dtype=torch.bool)
+    masks[:, :4, :4] = True
+    probe = TensorDataset(torch.zeros(4, 1, 16, 16), torch.zeros(4), torch.rand(4, 16, 16))
+    trainer = SimpleNamespace(train_dataloader=None, val_dataloaders=None, world_size=1)
+    drawn = _ProbeData.draw(ExplanationMonitor(probe=probe, methods="gradcam", spurious_masks=masks), trainer, None)
+    assert torch.equal(drawn.masks, masks)
+    with pytest.raises(MisconfigurationException, match="the masks of `probe` must be boolean"):
+        _ProbeData.draw(ExplanationMonitor(probe=probe, methods="gradcam"), trainer, None)
 
 
 def test_state_key_names_the_identifying_arguments() -> None:

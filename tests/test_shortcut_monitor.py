@@ -188,8 +188,8 @@ def test_spurious_mass_with_known_masks_is_logged_exactly(tmp_path: Path) -> Non
     # object reader's maps are zero on the corners: ρ = 0.
     data = Digits(tagged=True)
     x, y = data.val_set.tensors
-    masks = _corners().expand(16, 1, SIZE, SIZE).clone()
-    masks[12:] = False  # items without a suspect region are left out (as ρ = 0 they would halve the mean)
+    masks = _corners().expand(16, 1, SIZE, SIZE).to(torch.uint8) * 255  # a 0/255 mask image is a mask too
+    masks[12:] = 0  # items without a suspect region are left out (as ρ = 0 they would halve the mean)
     probe = TensorDataset(x[:16], y[:16], masks)
     for reads, rho in (("tag", 4.0), ("object", 0.0)):
         monitor = ExplanationMonitor(**{**FAST, "log_images": 0}, probe=probe, store=False)
