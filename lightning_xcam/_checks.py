@@ -38,10 +38,20 @@ def check_images(x: object, name: str = "x") -> Tensor:
         raise ValueError(f"`{name}` has an empty batch (shape {tuple(x.shape)}); pass at least one image.")
     if not x.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}. Use `x.float()`.")
-    broken = ~torch.isfinite(x).flatten(1).all(dim=1)
-    if bool(broken.any()):
-        raise ValueError(f"`{name}` holds NaN or infinite values in images {broken.nonzero().flatten()[:8].tolist()}.")
+    broken = nonfinite_rows(x)
+    if broken:
+        raise ValueError(f"`{name}` holds NaN or infinite values in images {broken[:8]}.")
     return x
+
+
+def nonfinite_rows(x: Tensor) -> list[int]:
+    """Indices of the rows of ``x`` (images, maps) that hold a NaN or an infinite value.
+
+    Example:
+        >>> nonfinite_rows(torch.tensor([[1.0, 2.0], [float("nan"), 0.0]]))
+        [1]
+    """
+    return (~torch.isfinite(x).flatten(1).all(dim=1)).nonzero().flatten().tolist()
 
 
 def check_maps(maps: object, x: Tensor, name: str = "maps", nonnegative: bool = True) -> Tensor:

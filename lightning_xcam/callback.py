@@ -31,6 +31,7 @@ from typing_extensions import override
 
 from lightning_xcam import drift as drift_stats
 from lightning_xcam import metrics as xm
+from lightning_xcam._checks import nonfinite_rows
 from lightning_xcam.alerts import Alert, Observation, WarningRule, evidence_image, observe
 from lightning_xcam.budget import CostBudget
 from lightning_xcam.maps import degenerate
@@ -331,22 +332,22 @@ class ExplanationMonitor(Callback):
             self.run_id = "default" if self.store_path is None else _run_name(trainer)
         if self.store_path is not False and not trainer.fast_dev_run and self._store is None:
             path = self._resolve_store_path(trainer)  # on every rank: `trainer.log_dir` is a collective
-        if self.store_path is not False and not trainer.fast_dev_run and trainer.is_global_zero and self._store is None:
-            self._refuse_a_shared_store_run(trainer, path)
-            try:
-                self._store = ExplanationStore(path, run=self.run_id)
-            except sqlite3.OperationalError as err:
-                raise MisconfigurationException(
-                    f"ExplanationMonitor cannot write its store: {err} Or pass store=False to keep no store."
-                ) from err
-            if not self.history and self._store.epochs():
-                rank_zero_warn(
-                    f"ExplanationMonitor: the store '{self._store.path}' already holds evaluations of run "
-                    f"{self.run_id!r}; this fresh fit replaces them epoch by epoch. Give the run its own logger "
-                    "version or `store` path to keep both.",
-                    category=UserWarning,
-                )
-            self._store.write_config(self._config())
+            if trainer.is_global_zero:
+                self._refuse_a_shared_store_run(trainer, path)
+                try:
+                    self._store = ExplanationStore(path, run=self.run_id)
+                except sqlite3.OperationalError as err:
+                    raise MisconfigurationException(
+                        f"ExplanationMonitor cannot write its store: {err} Or pass store=False to keep no store."
+                    ) from err
+                if not self.history and self._store.epochs():
+                    rank_zero_warn(
+                        f"ExplanationMonitor: the store '{self._store.path}' already holds evaluations of run "
+                        f"{self.run_id!r}; this fresh fit replaces them epoch by epoch. Give the run its own logger "
+                        "version or `store` path to keep both.",
+                        category=UserWarning,
+                    )
+                self._store.write_config(self._config())
         if trainer.is_global_zero:
             for logger in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
                 # CUSTOM SCALARS opens on the curves to read first
@@ -850,7 +851,7 @@ class _ProbeData:
                       else "the training dataset" if probe_set is train else "the validation dataset")
             # explicit `spurious_masks` replace what the items carry, so their third element is not read
             x, masks = _stack([probe_set[i] for i in indices], source, with_masks=monitor.spurious_masks is None)
-            broken = (~torch.isfinite(x).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+            broken = nonfinite_rows(x)
             if broken:
                 raise MisconfigurationException(
                     f"the probe items {[indices[i] for i in broken][:8]} of {source} hold NaN or infinite pixels; "
