@@ -1,4 +1,4 @@
-"""Paired epoch-to-epoch drift statistics, the noise floor and the drift-trend monitor (ALGORITHMS.md §5).
+"""Paired epoch-to-epoch drift statistics, and the noise floor (ALGORITHMS.md §5).
 
 Every statistic compares two batches of maps item by item and returns one *distance* per item
 (``0`` = identical). Maps are first reduced to *drift maps*: bilinearly resized/adaptive-average-pooled
@@ -19,7 +19,6 @@ Nothing here knows about Lightning: tensors in, tensors out, batched on the inpu
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,6 @@ __all__ = [
     "noise_floor",
     "in_floor_units",
     "summarize",
-    "DriftTrend",
 ]
 
 #: Names of the statistics returned by :func:`drift_statistics` (all distances; 0 = identical maps).
@@ -524,98 +522,3 @@ def summarize(d: Tensor, valid: Tensor | None = None) -> dict[str, float]:
         return {"median": 0.0, "p90": 0.0, "n_valid": 0.0}
     q = torch.quantile(d, torch.tensor([0.5, 0.9], dtype=d.dtype, device=d.device))
     return {"median": float(q[0]), "p90": float(q[1]), "n_valid": float(d.numel())}
-
-
-class DriftTrend:
-    """EWMA trend and one-sided CUSUM alarm over ``ũ_t``, the median drift in noise-floor units (§5.5).
-
-    ``E_t = α ũ_t + (1 − α) E_{t−1}`` (``E_1 = ũ_1``) is the plotted trend.
-    ``C_t = max(0, C_{t−1} + (ũ_t − 1) − k)`` accumulates drift above the noise level ``ũ = 1``;
-    :meth:`update` returns ``True`` when ``C_t > h`` and then restarts ``C`` at 0, so a lasting shift
-    alarms again only after it has built up anew (standard CUSUM restart). A drift alarm is
-    informational (alert kind ``"drift"``), not a shortcut warning.
-
-    Args:
-        alpha: EWMA weight of the newest value, in ``(0, 1]``.
-        k: CUSUM allowance (slack above 1 that is not accumulated), ``>= 0``.
-        h: CUSUM decision threshold, ``> 0``.
-
-    Raises:
-        ValueError: On parameters outside those ranges.
-
-    Example:
-        >>> trend = DriftTrend()
-        >>> [trend.update(u) for u in (1.0, 4.0, 4.0, 4.0)]
-        [False, False, False, True]
-    """
-
-    _VERSION = 1
-
-    def __init__(self, alpha: float = 0.3, k: float = 0.5, h: float = 5.0) -> None:
-        if not 0 < alpha <= 1:
-            raise ValueError(f"`alpha` must lie in (0, 1], got {alpha!r}.")
-        if not k >= 0:
-            raise ValueError(f"`k` must be >= 0, got {k!r}.")
-        if not h > 0:
-            raise ValueError(f"`h` must be > 0, got {h!r}.")
-        self.alpha = float(alpha)
-        self.k = float(k)
-        self.h = float(h)
-        self.ewma: float | None = None
-        self.cusum = 0.0
-        self.count = 0
-        self.alarms = 0
-
-    def update(self, u: float) -> bool:
-        """Feed one evaluation's median drift in floor units; return whether the CUSUM alarms.
-
-        Args:
-            u: ``ũ_t`` (a float or a one-element tensor), finite and ``>= 0``.
-
-        Returns:
-            ``True`` if ``C_t > h`` (``C`` is then reset to 0).
-
-        Raises:
-            ValueError: If ``u`` is not finite or negative.
-        """
-        u = float(u)
-        if not math.isfinite(u) or u < 0:
-            raise ValueError(f"`u` must be a finite non-negative number (drift in floor units), got {u!r}.")
-        self.ewma = u if self.ewma is None else self.alpha * u + (1 - self.alpha) * self.ewma
-        self.cusum = max(0.0, self.cusum + (u - 1.0) - self.k)
-        self.count += 1
-        if self.cusum > self.h:
-            self.cusum = 0.0
-            self.alarms += 1
-            return True
-        return False
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain-Python state (floats, ints, ``None``) for checkpoints, with a ``"version"`` key."""
-        return {
-            "version": self._VERSION,
-            "alpha": self.alpha,
-            "k": self.k,
-            "h": self.h,
-            "ewma": self.ewma,
-            "cusum": self.cusum,
-            "count": self.count,
-            "alarms": self.alarms,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`.
-
-        Raises:
-            ValueError: If the state has another version or misses keys.
-        """
-        if state.get("version") != self._VERSION:
-            raise ValueError(f"DriftTrend state has version {state.get('version')!r}, expected {self._VERSION}.")
-        missing = {"alpha", "k", "h", "ewma", "cusum", "count", "alarms"} - set(state)
-        if missing:
-            raise ValueError(f"DriftTrend state misses keys {sorted(missing)}.")
-        self.alpha, self.k, self.h = float(state["alpha"]), float(state["k"]), float(state["h"])
-        self.ewma = None if state["ewma"] is None else float(state["ewma"])
-        self.cusum = float(state["cusum"])
-        self.count = int(state["count"])
-        self.alarms = int(state["alarms"])

@@ -413,7 +413,7 @@ def test_rule_stays_silent_on_pure_noise() -> None:
     assert raised == []
 
 
-def test_rule_never_alarms_on_drift_alone() -> None:
+def test_rule_never_alarms_on_change_alone() -> None:
     rule = WarningRule()
     raised = []
     for t in range(8):
@@ -422,11 +422,11 @@ def test_rule_never_alarms_on_drift_alone() -> None:
             [
                 Observation("border", 0, 0.6 - 0.07 * t, replicate=0.6 - 0.07 * t),  # falling: learning
                 Observation("spurious_mass", 1, 0.5 + 0.12 * t, replicate=0.5 + 0.12 * t),  # rising, rho < 1.5
-                Observation("drift", None, 4.0),  # large map drift in floor units
             ],
         )
-    assert raised and {a.kind for a in raised} == {"drift"}
-    assert "informational" in raised[0].message
+    assert raised == []
+    with pytest.raises(ValueError, match="kind"):
+        Observation("drift", None, 4.0)  # drift is logged, never judged
 
 
 def _rising_border(rule: WarningRule, zs: list[float | None] | None = None) -> list[Alert]:
@@ -488,7 +488,7 @@ def test_rule_state_dict_round_trip_continues_identically() -> None:
         v = 0.1 + max(0, t - 3) * 0.05
         return [
             Observation("border", 1, v + e0, replicate=v + e1, z=4.0),
-            Observation("drift", None, 2.5 + e0),
+            Observation("spurious_mass", None, 1.0 + 0.2 * max(0, t - 5) + e0, z=4.0),
         ]
 
     whole = WarningRule()
@@ -499,7 +499,7 @@ def test_rule_state_dict_round_trip_continues_identically() -> None:
     resumed = WarningRule()
     resumed.load_state_dict(state)
     got += [a.to_dict() for t in range(5, 10) for a in resumed.update(t, stream(t))]
-    assert got == expected and {a["kind"] for a in expected} == {"border", "drift"}
+    assert got == expected and {a["kind"] for a in expected} == {"border", "spurious_mass"}
     assert resumed.state_dict() == whole.state_dict()
     with pytest.raises(ValueError, match="state_dict"):
         WarningRule().load_state_dict({"series": {}})

@@ -67,7 +67,7 @@ def alert_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 summaries={"xcam/gradcam/insertion_auc": 0.6 + epoch, "xcam/gad/deletion_auc": 0.125 * (epoch + 1),
                            "xcam/alert": float(epoch)},
                 maps={"gradcam": maps[epoch]},
-                alerts=[BORDER, Alert(1, "drift", 5.5, 3.0, None, (), "epoch 1: drift trend above 3")] if epoch else [],
+                alerts=[BORDER, Alert(1, "intervention", 5.5, 2.5, None, (), "epoch 1: overall relies on a tiny region")] if epoch else [],
             )
     return path
 
@@ -243,11 +243,11 @@ def test_alerts_are_printed_with_their_numbers(alert_store: Path, capsys: pytest
     lines = out.splitlines()
     start = lines.index("Alerts (2):")
     assert lines[start + 1].split()[:5] == ["epoch", "kind", "class", "score", "/"]
-    border, drift = lines[start + 2], lines[start + 3]
+    border, tiny = lines[start + 2], lines[start + 3]
     assert border.split()[:6] == ["1", "border", "7", "0.4125", "/", "0.2"]
     assert "3, 9" in border and border.endswith("epoch 1: class 7 puts 41% of its mass on the border")
-    assert drift.split()[:6] == ["1", "drift", "all", "5.5", "/", "3"]
-    assert drift.endswith("epoch 1: drift trend above 3")
+    assert tiny.split()[:6] == ["1", "intervention", "all", "5.5", "/", "2.5"]
+    assert tiny.endswith("epoch 1: overall relies on a tiny region")
     # one block per method; gad has summaries only, so the columns it lacks read "-"
     header, rows = method_table(out, "gad")
     assert header == ["epoch", "step", "insertion_auc", "deletion_auc", "alerts"]

@@ -12,7 +12,6 @@ from skimage.metrics import structural_similarity
 
 from lightning_xcam.drift import (
     STATISTICS,
-    DriftTrend,
     center_of_mass_shift,
     cosine_distance,
     drift_maps,
@@ -216,39 +215,6 @@ def test_noise_floor_units_and_summary() -> None:
     assert summary["n_valid"] == 31.0
     assert summarize(d, valid) == pytest.approx({"median": 0.25, "p90": 0.37, "n_valid": 4.0})
     assert summarize(d, torch.zeros(5, dtype=torch.bool)) == {"median": 0.0, "p90": 0.0, "n_valid": 0.0}
-
-
-def test_drift_trend_alarms_on_a_step_and_not_on_noise() -> None:
-    gen = torch.Generator().manual_seed(1)
-    noise = (1.0 + 0.3 * torch.randn(300, generator=gen)).clamp_min(0).tolist()
-    quiet = DriftTrend()
-    assert not any(quiet.update(u) for u in noise)
-    assert quiet.count == 300 and quiet.alarms == 0
-
-    trend = DriftTrend()
-    alarms = [trend.update(u) for u in [1.0] * 10 + [3.0] * 6]
-    # After the step C grows by 3 − 1 − 0.5 = 1.5 per evaluation: 1.5, 3, 4.5, 6 > 5 at the 4th.
-    assert [i for i, a in enumerate(alarms) if a] == [13]
-    assert trend.cusum == pytest.approx(3.0)  # restarted at 13, then 1.5 twice
-    # EWMA: E = 1 through the quiet phase, then E ← 0.3·3 + 0.7·E six times.
-    assert trend.ewma == pytest.approx(3.0 - 2.0 * 0.7**6)
-
-
-def test_drift_trend_state_round_trip_is_plain_python() -> None:
-    trend = DriftTrend(alpha=0.5, k=0.25, h=2.0)
-    for u in (1.0, 2.0, 2.5):
-        trend.update(u)
-    state = trend.state_dict()
-    assert all(isinstance(v, (int, float, type(None))) for v in state.values())
-    restored = DriftTrend()
-    restored.load_state_dict(state)
-    follow = [2.0, 0.5, 3.0, 3.0]
-    assert [trend.update(u) for u in follow] == [restored.update(u) for u in follow]
-    assert restored.state_dict() == trend.state_dict()
-    with pytest.raises(ValueError, match="version"):
-        restored.load_state_dict({"version": 99})
-    with pytest.raises(ValueError, match="`u`"):
-        trend.update(float("nan"))
 
 
 def test_ssim_of_constant_maps_from_a_one_cell_layer_is_zero_not_infinite() -> None:

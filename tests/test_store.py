@@ -189,7 +189,7 @@ def test_non_finite_values_are_refused_and_nothing_is_written(tmp_path: Path) ->
         cases = [
             dict(summaries={"xcam/alert": float("inf")}),
             dict(drift={"gad": {"previous": {"js": {0: float("nan")}}}}),
-            dict(alerts=[{"kind": "drift", "score": float("nan")}]),
+            dict(alerts=[{"kind": "border", "score": float("nan")}]),
             dict(maps={"gad": torch.full((B, 2, 2), 1e6)}),  # beyond float16
             dict(time_s=float("nan")),
         ]
@@ -210,9 +210,9 @@ def test_argument_errors(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=r"samples \[9\] that are not in `sample_ids`"):
             store.write_evaluation(0, range(B), drift={"gad": {"floor": {"tv": {9: 0.1}}}})
         with pytest.raises(ValueError, match="epoch 1 but the evaluation is epoch 0"):
-            store.write_evaluation(0, range(B), alerts=[Alert(1, "drift", 6.0, 5.0, None, (), "")])
-        with pytest.raises(ValueError, match="repeats kind 'drift'"):
-            store.write_evaluation(0, range(B), alerts=[{"kind": "drift", "score": 1.0}] * 2)
+            store.write_evaluation(0, range(B), alerts=[Alert(1, "border", 0.6, 0.5, None, (), "")])
+        with pytest.raises(ValueError, match="repeats kind 'border'"):
+            store.write_evaluation(0, range(B), alerts=[{"kind": "border", "score": 1.0}] * 2)
         with pytest.raises(ValueError, match="shape \\[B, h, w\\] with B = len\\(sample_ids\\) = 4"):
             store.write_evaluation(0, range(B), maps={"gad": torch.rand(3, 4, 4)})
         with pytest.raises(ValueError, match="`epoch` must be >= 0"):
