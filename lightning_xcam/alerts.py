@@ -39,7 +39,7 @@ interventional check. A 7×7 CAM cannot outline a small patch: expect partial si
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -1528,13 +1528,13 @@ def observe(
             observations.append(Observation("spurious_mass", class_index, float(rho[located & marked].mean()), None,
                                             members, **_pooled(masked, rows & marked)))
     if int(valid.sum()) >= min_cluster_maps:
-        observations.append(_cluster_observation(model, x, maps, targets, sample_ids, check, top_fraction, size,
+        observations.append(_cluster_observation(maps, targets, sample_ids, check, top_fraction, size,
                                                  min_cluster_maps, generator))
     return observations
 
 
 def _cluster_observation(
-    model: nn.Module, x: Tensor, maps: Tensor, targets: Tensor, sample_ids: Tensor, check: Any,
+    maps: Tensor, targets: Tensor, sample_ids: Tensor, check: Callable[[Tensor], Reliance],
     fraction: float, size: tuple[int, int], min_maps: int, generator: torch.Generator | None,
 ) -> Observation:
     """The ``cluster`` observation of :func:`observe`: the most suspicious spectral cluster, checked."""
@@ -1574,8 +1574,7 @@ def evidence_image(
 ) -> Tensor:
     """The picture that goes with an alert: the group's mean map, then the flagged samples' overlays.
 
-    Row 0 is the mean image of the shown items | their mean unit-mass map (the cluster mean map for a
-    ``cluster`` alert) | the overlay; each further row is one item's image | map | overlay
+    Row 0 is the mean image of the shown items | their mean unit-mass map | the overlay; each further row is one item's image | map | overlay
     (:func:`lightning_xcam.render.explanation_panel`). Maps are drawn on the monitor's fixed colour scale: a
     cell's share of its map's mass relative to a uniform map, full colour at ``vmax`` times, so a shortcut
     tag shows as a saturated spot whatever the raw scale.

@@ -14,9 +14,9 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -51,10 +51,8 @@ Method = Literal["expected_gradcam", "gad", "gradcam", "integrated_gradcam"]
 MetricName = Literal[
     "insertion", "deletion", "infidelity", "max_sensitivity", "average_drop", "sparseness", "entropy"
 ]
-METHODS: tuple[str, ...] = ("expected_gradcam", "gad", "gradcam", "integrated_gradcam")
-METRICS: tuple[str, ...] = (
-    "insertion", "deletion", "infidelity", "max_sensitivity", "average_drop", "sparseness", "entropy"
-)
+METHODS: tuple[str, ...] = get_args(Method)
+METRICS: tuple[str, ...] = get_args(MetricName)
 # Logged names: direction is part of the name's documentation (README "What the scalars mean").
 _METRIC_TAGS = {
     "insertion": "insertion_auc",
@@ -261,7 +259,6 @@ class ExplanationMonitor(Callback):
             raise MisconfigurationException(str(err)) from err
         self.max_overhead = max_overhead
         self._store: ExplanationStore | None = None
-        self._warned_images = False
         self._start_run()
 
     def _start_run(self) -> None:
@@ -316,7 +313,6 @@ class ExplanationMonitor(Callback):
                 "heatmap images are not.",
                 category=UserWarning,
             )
-            self._warned_images = True
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -325,7 +321,7 @@ class ExplanationMonitor(Callback):
         except TypeError as err:
             raise MisconfigurationException(f"ExplanationMonitor under `precision={trainer.precision!r}`: {err}") from err
         if self._data is None:
-            self._data = _ProbeData.draw(self, trainer, pl_module)
+            self._data = _ProbeData.draw(self, trainer)
             self._check_layer(pl_module)
         if self.run_id is None:
             # the default store lives in the run's own log dir; a shared store path keeps runs apart by name
@@ -618,29 +614,28 @@ class ExplanationMonitor(Callback):
         model, x, c, ids, batch = pl_module, data.x, data.targets, data.ids, self.batch_size
         steps = 4 if minimal else self.steps
         values: dict[str, dict[str, Tensor]] = {method: {} for method in maps_by_method}
+        per_map: dict[str, Callable[[str, Tensor], Tensor]] = {
+            "insertion": lambda method, maps: xm.insertion_auc(model, x, maps, c, steps=steps, max_batch=batch),
+            "deletion": lambda method, maps: xm.deletion_auc(model, x, maps, c, steps=steps, max_batch=batch),
+            "max_sensitivity": lambda method, maps: xm.max_sensitivity(
+                explainers[method], x, c, n_samples=2 if minimal else _SENSITIVITY_SAMPLES, seed=self.seed,
+                sample_ids=ids, model=model, max_batch=batch,
+            ),
+            "average_drop": lambda method, maps: xm.average_drop(model, x, maps, c, max_batch=batch),
+            "sparseness": lambda method, maps: xm.sparseness(maps),
+            "entropy": lambda method, maps: xm.entropy(maps, normalized=True),
+        }
         for name in names:
             started = time.perf_counter()
+            tag = _METRIC_TAGS[name]
             if name == "infidelity":  # one perturbation set for every method: its forwards are the dear part
                 shared = xm.infidelity(model, x, list(maps_by_method.values()), c, n_perturb=self.n_perturb,
                                        seed=self.seed, sample_ids=ids, max_batch=batch)
                 for method, value in zip(maps_by_method, shared):
-                    values[method]["infidelity"] = value
-            for method, maps in maps_by_method.items():
-                if name == "insertion":
-                    values[method]["insertion_auc"] = xm.insertion_auc(model, x, maps, c, steps=steps, max_batch=batch)
-                elif name == "deletion":
-                    values[method]["deletion_auc"] = xm.deletion_auc(model, x, maps, c, steps=steps, max_batch=batch)
-                elif name == "max_sensitivity":
-                    values[method]["max_sensitivity"] = xm.max_sensitivity(
-                        explainers[method], x, c, n_samples=2 if minimal else _SENSITIVITY_SAMPLES, seed=self.seed, sample_ids=ids,
-                        model=model, max_batch=batch,
-                    )
-                elif name == "average_drop":
-                    values[method]["average_drop"] = xm.average_drop(model, x, maps, c, max_batch=batch)
-                elif name == "sparseness":
-                    values[method]["sparseness"] = xm.sparseness(maps)
-                elif name == "entropy":
-                    values[method]["entropy"] = xm.entropy(maps, normalized=True)
+                    values[method][tag] = value
+            else:
+                for method, maps in maps_by_method.items():
+                    values[method][tag] = per_map[name](method, maps)
             self.budget.record(name, time.perf_counter() - started)
         for scores in values.values():
             if "insertion_auc" in scores and "deletion_auc" in scores:
@@ -825,7 +820,7 @@ class _ProbeData:
         self.references, self.fit, self.floor = references, fit, floor
 
     @classmethod
-    def draw(cls, monitor: ExplanationMonitor, trainer: pl.Trainer, pl_module: pl.LightningModule) -> _ProbeData:
+    def draw(cls, monitor: ExplanationMonitor, trainer: pl.Trainer) -> _ProbeData:
         generator = torch.Generator().manual_seed(monitor.seed)
         train = _dataset(trainer.train_dataloader) if trainer.train_dataloader is not None else None
         with isolate_rng():  # dataset transforms may draw from global RNGs

@@ -37,7 +37,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import json
 import math
@@ -258,10 +257,8 @@ def _alert_fields(alert: object, index: int) -> dict[str, Any]:
         fields = dict(alert)
     elif hasattr(alert, "to_dict"):
         fields = alert.to_dict()
-    elif dataclasses.is_dataclass(alert) and not isinstance(alert, type):
-        fields = dataclasses.asdict(alert)
     else:
-        raise TypeError(f"`alerts[{index}]` must be an Alert, a dataclass or a dict, got {type(alert).__name__}.")
+        raise TypeError(f"`alerts[{index}]` must be an Alert or a dict, got {type(alert).__name__}.")
     for key in ("kind", "score"):
         if key not in fields:
             raise ValueError(f"`alerts[{index}]` has no {key!r}; an alert needs at least 'kind' and 'score'.")
@@ -588,7 +585,7 @@ class ExplanationStore:
             fields = _alert_fields(alert, i)
             if fields.get("epoch") is not None and _index(fields["epoch"], f"alerts[{i}].epoch") != epoch:
                 raise ValueError(f"alerts[{i}] is for epoch {fields['epoch']} but the evaluation is epoch {epoch}.")
-            kind = fields["kind"].value if isinstance(fields["kind"], enum.Enum) else fields["kind"]
+            kind = fields["kind"]
             if not isinstance(kind, str) or not kind:
                 raise TypeError(f"alerts[{i}].kind must be a non-empty str, got {kind!r}.")
             cls = fields.get("class_index")

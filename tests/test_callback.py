@@ -372,9 +372,9 @@ def test_a_probe_that_leaves_a_rank_without_items_is_refused() -> None:
     monitor = ExplanationMonitor(probe=TensorDataset(torch.zeros(5, 1, 16, 16)), methods="gradcam")
     trainer = SimpleNamespace(train_dataloader=None, val_dataloaders=None, world_size=4)
     with pytest.raises(MisconfigurationException, match=r"5 items leave some of the 4 ranks.*num_probe=4"):
-        _ProbeData.draw(monitor, trainer, None)
+        _ProbeData.draw(monitor, trainer)
     monitor.probe = TensorDataset(torch.zeros(4, 1, 16, 16))
-    assert _ProbeData.draw(monitor, trainer, None).x.shape[0] == 4
+    assert _ProbeData.draw(monitor, trainer).x.shape[0] == 4
 
 
 def test_explicit_spurious_masks_replace_what_probe_items_carry() -> None:
@@ -383,10 +383,10 @@ def test_explicit_spurious_masks_replace_what_probe_items_carry() -> None:
     masks[:, :4, :4] = True
     probe = TensorDataset(torch.zeros(4, 1, 16, 16), torch.zeros(4), torch.rand(4, 16, 16))
     trainer = SimpleNamespace(train_dataloader=None, val_dataloaders=None, world_size=1)
-    drawn = _ProbeData.draw(ExplanationMonitor(probe=probe, methods="gradcam", spurious_masks=masks), trainer, None)
+    drawn = _ProbeData.draw(ExplanationMonitor(probe=probe, methods="gradcam", spurious_masks=masks), trainer)
     assert torch.equal(drawn.masks, masks)
     with pytest.raises(MisconfigurationException, match="the masks of `probe` must be boolean"):
-        _ProbeData.draw(ExplanationMonitor(probe=probe, methods="gradcam"), trainer, None)
+        _ProbeData.draw(ExplanationMonitor(probe=probe, methods="gradcam"), trainer)
 
 
 def test_state_key_names_the_identifying_arguments() -> None:
