@@ -31,22 +31,17 @@ import argparse
 import os
 import sqlite3
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import closing
+from collections.abc import Callable
 from pathlib import Path
 
 from lightning_xcam import __version__
 from lightning_xcam import report as rep
 from lightning_xcam.render import COLORMAPS
-from lightning_xcam.store import DEFAULT_FILENAME, ExplanationStore, StoreFormatError, find_stores
+from lightning_xcam.store import DEFAULT_FILENAME, STORE_HINT, ExplanationStore, StoreFormatError, find_store, listing
 
 __all__ = ["main", "build_parser", "CliError"]
 
 _PROG = "lightning-xcam"
-_USAGE_HINT = (
-    f"pass a store file ({DEFAULT_FILENAME}) or the log directory of a run trained with ExplanationMonitor"
-)
-_MAX_LISTED = 6
 
 
 class CliError(Exception):
@@ -108,43 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _listing(paths: Sequence[object]) -> str:
-    shown = ", ".join(str(p) for p in paths[:_MAX_LISTED])
-    return shown + (f", ... ({len(paths) - _MAX_LISTED} more)" if len(paths) > _MAX_LISTED else "")
-
-
 def _resolve_store(path: Path) -> Path:
     """The one store file at ``path`` (a file or a directory searched recursively)."""
-    if not path.exists():
-        raise CliError(f"no such file or directory: '{path}'; {_USAGE_HINT}.")
     try:
-        found = find_stores(path)
+        return find_store(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise CliError(str(err)) from None
     except OSError as err:  # e.g. an unreadable subdirectory, or a file deleted while the tree is walked
         raise CliError(f"could not search '{path}' ({err}); pass the {DEFAULT_FILENAME} file itself.") from None
-    if not found:
-        raise CliError(
-            f"no {DEFAULT_FILENAME} under directory '{path}'; {_USAGE_HINT} "
-            "(the monitor writes <log_dir>/xcam.sqlite unless store=False)."
-        )
-    if len(found) > 1:
-        names = [p.relative_to(path) for p in found]
-        raise CliError(f"'{path}' holds {len(found)} stores ({_listing(names)}); pass one of them as RUN.")
-    store = found[0]
-    if store.stat().st_size == 0:
-        raise CliError(f"'{store}' is an empty file, not a lightning_xcam store; {_USAGE_HINT}.")
-    if not _has_tables(store):
-        # ExplanationStore would lay out its schema in an empty database: refuse before it writes anything.
-        raise CliError(f"'{store}' is an empty SQLite database, not a lightning_xcam store; {_USAGE_HINT}.")
-    return store
-
-
-def _has_tables(path: Path) -> bool:
-    """Whether an SQLite file holds any table, read through a read-only connection (``True`` if unreadable)."""
-    try:
-        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
-            return conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0
-    except sqlite3.Error:
-        return True  # not a database, or not readable: ExplanationStore names the problem
 
 
 def _choose_run(store: ExplanationStore, wanted: str | None) -> str:
@@ -154,11 +120,11 @@ def _choose_run(store: ExplanationStore, wanted: str | None) -> str:
     if wanted is not None:
         if wanted not in names:
             raise CliError(
-                f"run '{wanted}' is not in '{store.path}'; its runs: {_listing(names)}; pass one with --run."
+                f"run '{wanted}' is not in '{store.path}'; its runs: {listing(names)}; pass one with --run."
             )
         return wanted
     if len(names) > 1:
-        raise CliError(f"'{store.path}' holds {len(names)} runs ({_listing(names)}); choose one with --run NAME.")
+        raise CliError(f"'{store.path}' holds {len(names)} runs ({listing(names)}); choose one with --run NAME.")
     return names[0]
 
 
@@ -166,7 +132,7 @@ def _read_failure(path: Path, err: Exception) -> str:
     if isinstance(err, StoreFormatError):
         return str(err)
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-    return f"could not read '{path}' ({reason}); {_USAGE_HINT}."
+    return f"could not read '{path}' ({reason}); {STORE_HINT}."
 
 
 def _write(out: str, option: str, write: Callable[[str], object]) -> None:

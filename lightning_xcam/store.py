@@ -54,6 +54,8 @@ from torch import Tensor
 __all__ = ["ExplanationStore", "StoreFormatError", "find_store", "find_stores", "DEFAULT_FILENAME", "SCHEMA_VERSION"]
 
 DEFAULT_FILENAME = "xcam.sqlite"
+STORE_HINT = f"pass a store file ({DEFAULT_FILENAME}) or the log directory of a run trained with ExplanationMonitor"
+_MAX_LISTED = 6
 SCHEMA_VERSION = 1
 _FORMAT = "lightning_xcam"
 # SQLite's messages for SQLITE_CANTOPEN and SQLITE_READONLY (error codes reach Python only from 3.11 on):
@@ -118,7 +120,7 @@ def find_stores(path: str | Path) -> list[Path]:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"No such file or directory: '{path}'.")
+        raise FileNotFoundError(f"no such file or directory: '{path}'; {STORE_HINT}.")
     if path.is_dir():
         # os.walk skips what vanishes mid-search (a busy /tmp); Path.rglob raises on it
         return sorted(Path(root) / DEFAULT_FILENAME for root, _, files in os.walk(path) if DEFAULT_FILENAME in files)
@@ -136,7 +138,7 @@ def find_store(path: str | Path) -> Path:
 
     Raises:
         FileNotFoundError: If ``path`` does not exist or a directory holds no store.
-        ValueError: If a directory holds several stores (they are listed; pass one of them).
+        ValueError: If a directory holds several stores (the message lists them, relative to ``path``).
 
     Example:
         >>> find_store("lightning_logs/version_0")  # doctest: +SKIP
@@ -145,13 +147,19 @@ def find_store(path: str | Path) -> Path:
     found = find_stores(path)
     if not found:
         raise FileNotFoundError(
-            f"No '{DEFAULT_FILENAME}' under '{path}'. Pass the store file or the log directory of a run "
-            "trained with ExplanationMonitor (its store is written to <log_dir>/xcam.sqlite unless store=False)."
+            f"no {DEFAULT_FILENAME} under directory '{path}'; {STORE_HINT} (the monitor writes "
+            f"<log_dir>/{DEFAULT_FILENAME} unless store=False)."
         )
     if len(found) > 1:
-        listing = "\n  ".join(str(p) for p in found)
-        raise ValueError(f"'{path}' holds {len(found)} stores; pass one of them:\n  {listing}")
+        names = [str(p.relative_to(path)) for p in found]
+        raise ValueError(f"'{path}' holds {len(found)} stores ({listing(names)}); pass one of them.")
     return found[0]
+
+
+def listing(names: Sequence[object]) -> str:
+    """``names`` joined by commas, at most six of them and a count of the rest (for one-line messages)."""
+    shown = ", ".join(str(name) for name in names[:_MAX_LISTED])
+    return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,7 +314,8 @@ class ExplanationStore:
     Raises:
         FileNotFoundError: If the file is missing and ``create`` is false.
         StoreFormatError: If the file is not an SQLite database, is an SQLite database of something else,
-            or was written by a newer schema version.
+            was written by a newer schema version, or (``create=False``) holds no table yet.
+        sqlite3.OperationalError: If the file cannot be opened, or (``create=True``) cannot be written.
         TypeError: If ``run`` is not a non-empty string.
 
     Example:
@@ -398,6 +407,9 @@ class ExplanationStore:
         tables = self._tables()
         if tables:
             self._check_meta(tables)  # before any PRAGMA that would modify a foreign file
+        elif not self._writer:
+            what = "an empty file" if self.path.stat().st_size == 0 else "an empty SQLite database"
+            raise StoreFormatError(f"'{self.path}' is {what}, not a lightning_xcam store (create=False only reads).")
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")
         if not tables:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+from contextlib import closing
 import subprocess
 import sys
 import time
@@ -169,6 +170,16 @@ def test_foreign_and_missing_files_raise_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="create=False"):
         ExplanationStore(tmp_path / "missing.sqlite", create=False)
     assert not (tmp_path / "missing.sqlite").exists()
+    for name, what in (("empty.sqlite", "an empty file"), ("blank.sqlite", "an empty SQLite database")):
+        blank = tmp_path / name
+        blank.touch()
+        if name == "blank.sqlite":
+            with closing(sqlite3.connect(blank)) as conn:
+                conn.execute("PRAGMA user_version = 3")  # a valid SQLite header, no table
+        before = blank.read_bytes()
+        with pytest.raises(StoreFormatError, match=f"is {what}, not a lightning_xcam store"):
+            ExplanationStore(blank, create=False)
+        assert blank.read_bytes() == before  # a reader lays out no schema
 
     newer = tmp_path / "newer.sqlite"
     ExplanationStore(newer).close()
@@ -225,9 +236,9 @@ def test_argument_errors(tmp_path: Path) -> None:
 
 
 def test_find_store(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="No 'xcam.sqlite' under"):
+    with pytest.raises(FileNotFoundError, match="no xcam.sqlite under directory"):
         find_store(tmp_path)
-    with pytest.raises(FileNotFoundError, match="No such file"):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         find_store(tmp_path / "nope")
     first = tmp_path / "lightning_logs" / "version_0" / "xcam.sqlite"
     ExplanationStore(first).close()
