@@ -40,7 +40,7 @@ from lightning_xcam.methods._guard import explanation_context, fresh_input, requ
 from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM, IntegratedGradCAM, _LayerProbe
 from lightning_xcam.methods.layers import resolve_layer
 from lightning_xcam.render import DISPLAY_CONCENTRATION, explanation_panel, relative_mass, stack_rows
-from lightning_xcam.store import ExplanationStore
+from lightning_xcam.store import ExplanationStore, store_file
 from lightning_xcam.tensorboard import DETERMINISTIC_METHODS, write_layout
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,11 @@ class ExplanationMonitor(Callback):
         metrics: Scores to compute: ``"insertion"``, ``"deletion"``, ``"infidelity"``, ``"max_sensitivity"``,
             ``"average_drop"``, ``"sparseness"``, ``"entropy"``.
         log_images: Probe items whose heatmap panels are logged (0 = none).
-        store: ``None`` = ``<log_dir>/xcam.sqlite``; a path; or ``False`` for no store.
+        store: ``None`` (or ``True``) = ``<log_dir>/xcam.sqlite``; a file or directory path; or ``False`` for no
+            store. A resumed fit keeps writing the store its checkpoint was written with, so a logger that
+            starts a new version on resume does not split the history; a resumed or fresh fit first deletes
+            the run's evaluations it is about to redo (a resume from an earlier checkpoint, a rerun of a run
+            name), with a warning.
         on_alert: ``"warn"`` or ``"stop"`` (stop training through Lightning, agreed across ranks).
         seed: Seed of every random draw the monitor makes.
         n_samples: Expected Grad-CAM path samples per image.
@@ -268,6 +272,7 @@ class ExplanationMonitor(Callback):
         self.shortcuts = WarningRule(patience=self.alert_patience)
         self.budget.reset()  # the same object: a clock given to it (benchmarks/overhead.py) stays
         self.run_id: str | None = None
+        self._checkpoint_store: str | None = None  # the store a resumed fit's checkpoint was written with
         self.stopped_epoch = -1
         self.layer_name: str | None = None
         self._data: _ProbeData | None = None
@@ -284,7 +289,8 @@ class ExplanationMonitor(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(
-            target_layer=self.target_layer, every_n_epochs=self.every_n_epochs, num_probe=self.num_probe
+            target_layer=self.target_layer, methods=self.methods, every_n_epochs=self.every_n_epochs,
+            num_probe=self.num_probe,
         )
 
     @override
@@ -329,21 +335,7 @@ class ExplanationMonitor(Callback):
         if self.store_path is not False and not trainer.fast_dev_run and self._store is None:
             path = self._resolve_store_path(trainer)  # on every rank: `trainer.log_dir` is a collective
             if trainer.is_global_zero:
-                self._refuse_a_shared_store_run(trainer, path)
-                try:
-                    self._store = ExplanationStore(path, run=self.run_id)
-                except sqlite3.OperationalError as err:
-                    raise MisconfigurationException(
-                        f"ExplanationMonitor cannot write its store: {err} Or pass store=False to keep no store."
-                    ) from err
-                if not self.history and self._store.epochs():
-                    rank_zero_warn(
-                        f"ExplanationMonitor: the store '{self._store.path}' already holds evaluations of run "
-                        f"{self.run_id!r}; this fresh fit replaces them epoch by epoch. Give the run its own logger "
-                        "version or `store` path to keep both.",
-                        category=UserWarning,
-                    )
-                self._store.write_config(self._config())
+                self._open_store(trainer, path)
         if trainer.is_global_zero:
             for logger in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
                 # CUSTOM SCALARS opens on the curves to read first
@@ -376,6 +368,7 @@ class ExplanationMonitor(Callback):
         return {
             "version": _STATE_VERSION,
             "run_id": self.run_id,
+            "store": None if self._store is None else str(self._store.path.resolve()),
             "history": self.history,
             "alerts": [a.to_dict() for a in self.alerts],
             "shortcuts": self.shortcuts.state_dict(),
@@ -389,6 +382,7 @@ class ExplanationMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.run_id = state_dict["run_id"]
+        self._checkpoint_store = state_dict.get("store")  # absent in checkpoints written before it was kept
         self.history = list(state_dict["history"])
         self.alerts = [Alert.from_dict(a) for a in state_dict["alerts"]]
         self.shortcuts.load_state_dict(state_dict["shortcuts"])
@@ -772,9 +766,37 @@ class ExplanationMonitor(Callback):
 
     def _resolve_store_path(self, trainer: pl.Trainer) -> Path:
         if isinstance(self.store_path, (str, Path)):
-            return Path(self.store_path)
-        root = trainer.log_dir or trainer.default_root_dir
-        return Path(root) / "xcam.sqlite"
+            return store_file(self.store_path)
+        default = store_file(trainer.log_dir or trainer.default_root_dir)  # every rank asks: a collective
+        if self._checkpoint_store is not None and Path(self._checkpoint_store).exists():
+            # a logger that starts a new version on resume would otherwise split the run's history in two
+            return Path(self._checkpoint_store)
+        return default
+
+    def _open_store(self, trainer: pl.Trainer, path: Path) -> None:
+        """Open the store on rank 0 and clear the run's evaluations this fit is about to redo."""
+        self._refuse_a_shared_store_run(trainer, path)
+        try:
+            self._store = ExplanationStore(path, run=str(self.run_id))
+        except sqlite3.OperationalError as err:
+            raise MisconfigurationException(
+                f"ExplanationMonitor cannot write its store: {err} Or pass store=False to keep no store."
+            ) from err
+        # a resumed fit redoes what came after its checkpoint's last evaluation (rows of a run abandoned by a
+        # resume from an earlier checkpoint, or written after the checkpoint and before a crash); a fresh fit
+        # redoes everything from its first epoch
+        resumed = trainer.ckpt_path is not None
+        start = self._last_run_epoch + 1 if resumed and self.history else trainer.current_epoch
+        dropped = self._store.discard_from(start)
+        if dropped:
+            why = ("they come after the evaluations of the checkpoint this fit resumes from, and are redone" if resumed
+                   else "this fresh fit replaces them. Give the run its own logger version or `store` path to keep both")
+            rank_zero_warn(
+                f"ExplanationMonitor: deleted the evaluations of epochs {dropped} of run {self.run_id!r} from the "
+                f"store '{self._store.path}': {why}.",
+                category=UserWarning,
+            )
+        self._store.write_config(self._config())
 
     def _config(self) -> dict[str, Any]:
         return {

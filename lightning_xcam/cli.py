@@ -6,11 +6,12 @@ Usage::
 
 ``RUN`` is a store file (``xcam.sqlite``) or a log directory searched for one (e.g.
 ``lightning_logs/version_0``). The command prints one table per method with a row per evaluated epoch
-(insertion and deletion AUC, infidelity, max-sensitivity, Spearman drift against the previous
-evaluation and that drift in noise-floor units, where recorded), then the shortcut alerts. ``--html``
+(the metrics the monitor computed, :data:`~lightning_xcam.report.MAIN_COLUMNS`, and the Spearman drift
+against the previous evaluation, raw and in noise-floor units, where recorded), then the shortcut alerts. ``--html``
 writes a self-contained page (charts, heatmap grids, alerts with the flagged items' maps, the run's
 configuration) that needs no network; ``--csv`` writes every per-epoch scalar, one row per
-``epoch × method``. The store is only read, never modified.
+``epoch × method``. The store is only read: no row is added or changed (SQLite may fold a crashed
+writer's ``-wal`` file into it when the last connection closes).
 
 A path that does not lead to exactly one readable store, or a run that is not in it, ends with one line
 ``lightning-xcam: error: ...`` on stderr and exit code 2; a report that cannot be written exits with 1.
@@ -78,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="print the per-epoch metrics, drift and alerts of a run; optionally write HTML or CSV",
         description=(  # line breaks kept by RawDescriptionHelpFormatter (for the examples below)
-            "Print one table per explanation method with a row per evaluated epoch (insertion and\n"
-            "deletion AUC, infidelity, max-sensitivity, Spearman drift vs the previous evaluation and\n"
-            "in noise-floor units), then the shortcut alerts. The store is only read, never modified."
+            "Print one table per explanation method with a row per evaluated epoch (the metrics the\n"
+            "monitor computed, Spearman drift vs the previous evaluation and in noise-floor units),\n"
+            "then the shortcut alerts. The store is only read: no row is added or changed."
         ),
         epilog=(
             "examples:\n"

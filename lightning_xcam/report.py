@@ -324,7 +324,7 @@ def _ticks(low: float, high: float, count: int = 4, integer: bool = False) -> li
     first, last = math.floor(low / step + 1e-9), math.ceil(high / step - 1e-9)
     if integer:
         first = max(first, 0)  # no axis below epoch 0 around a single evaluation at epoch 0
-    return [round(i * step, 12) for i in range(first, last + 1)]
+    return [float(f"{i * step:.12g}") for i in range(first, last + 1)]  # 12 significant digits: no 0.30000000000000004
 
 
 def line_chart(

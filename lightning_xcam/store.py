@@ -43,7 +43,8 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,21 @@ class StoreFormatError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Locating stores
 # --------------------------------------------------------------------------------------------------
+
+
+def store_file(path: str | os.PathLike[str]) -> Path:
+    """The store file a ``path`` names: ``~`` expanded; a directory, or a path written with a trailing
+    separator (a directory still to be created), holds ``xcam.sqlite``.
+
+    Example:
+        >>> store_file("runs/exp1/").as_posix(), store_file("runs/a.sqlite").as_posix()
+        ('runs/exp1/xcam.sqlite', 'runs/a.sqlite')
+    """
+    text = os.fspath(path)
+    file = Path(text).expanduser()
+    if file.is_dir() or text.endswith(("/", os.sep)):
+        file = file / DEFAULT_FILENAME
+    return file
 
 
 def find_stores(path: str | Path) -> list[Path]:
@@ -300,11 +316,12 @@ class ExplanationStore:
     """Open (or create) an explanation history file and read or write one run's evaluations.
 
     Args:
-        path: The SQLite file, or a directory (then ``<path>/xcam.sqlite``). Parent directories are created.
+        path: The SQLite file, or a directory (then ``<path>/xcam.sqlite``; see :func:`store_file`). Parent
+            directories are created.
         run: The run this object writes, and reads when a read method gets ``run=None``.
         create: Create the file if missing and check at once that it can be written (a file without write
             permission is refused here, not at the first write); with ``False`` (for readers such as the
-            CLI, which leave an existing store byte for byte as found) a missing file raises
+            CLI, which add and change no row, and lay out no schema) a missing file raises
             ``FileNotFoundError``, and a store that cannot be opened for writing (a read-only file
             system: SQLite's WAL mode needs to create ``xcam.sqlite-shm``) is opened read-only instead, as
             a finished run's snapshot (``read_only`` is then ``True``; transactions left in a ``-wal``
@@ -314,7 +331,8 @@ class ExplanationStore:
     Raises:
         FileNotFoundError: If the file is missing and ``create`` is false.
         StoreFormatError: If the file is not an SQLite database, is an SQLite database of something else,
-            was written by a newer schema version, or (``create=False``) holds no table yet.
+            was written by a newer schema version, is damaged (``create=True`` runs SQLite's ``quick_check``),
+            or (``create=False``) holds no table yet.
         sqlite3.OperationalError: If the file cannot be opened, or (``create=True``) cannot be written.
         TypeError: If ``run`` is not a non-empty string.
 
@@ -331,9 +349,7 @@ class ExplanationStore:
             raise TypeError(f"`run` must be a non-empty str, got {run!r}.")
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"`path` must be a file or directory path, got {type(path).__name__}.")
-        path = Path(path)
-        if path.is_dir():
-            path = path / DEFAULT_FILENAME
+        path = store_file(path)
         if path.exists():
             _check_sqlite_header(path)
         elif not create:
@@ -343,7 +359,7 @@ class ExplanationStore:
         self.path = path
         self.run = run
         self.read_only = False
-        self._writer = create  # readers (the report) must leave the file byte for byte as they found it
+        self._writer = create  # readers (the report) add and change nothing
         try:
             self._connect(str(path), timeout)
         except sqlite3.OperationalError as err:
@@ -413,8 +429,7 @@ class ExplanationStore:
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")
         if not tables:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 # One statement at a time: executescript() would commit the open transaction first.
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     self._conn.execute(statement)
@@ -422,15 +437,18 @@ class ExplanationStore:
                     "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
                     [("format", _FORMAT), ("schema_version", str(SCHEMA_VERSION))],
                 )
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
         if self._writer:
             # a file without write permission opens and reads fine and fails only at the first write: write
             # now (the same value back), so that it is refused at open, not after an epoch of training
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
             self._conn.execute(f"PRAGMA user_version = {int(version)}")
+            # a damaged file (a disk fault, a copy cut short) would take a fit's evaluations and fail at reading
+            problems = [" ".join(row[0].split()) for row in self._conn.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                raise StoreFormatError(
+                    f"'{self.path}' is damaged (SQLite quick_check: {'; '.join(problems)}); move it away and "
+                    "pass a new `store` path (the readable part may be recovered with the sqlite3 shell's .recover)."
+                )
 
     def _check_meta(self, tables: set[str]) -> None:
         foreign = StoreFormatError(
@@ -451,10 +469,20 @@ class ExplanationStore:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    def _begin(self) -> None:
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction (``BEGIN IMMEDIATE`` … ``COMMIT``), rolled back on any exception."""
         if self.read_only:
             raise PermissionError(f"'{self.path}' was opened read-only (it cannot be written here); nothing was written.")
         self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+
+    def _add_run(self) -> None:
         self._conn.execute(
             "INSERT OR IGNORE INTO runs (run, created, config) VALUES (?, ?, '{}')", (self.run, time.time())
         )
@@ -479,13 +507,34 @@ class ExplanationStore:
         if not isinstance(config, Mapping):
             raise TypeError(f"`config` must be a dict, got {type(config).__name__}.")
         text = _json(dict(config))
-        self._begin()
-        try:
+        with self._transaction():
+            self._add_run()
             self._conn.execute("UPDATE runs SET config = ? WHERE run = ?", (text, self.run))
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
+
+    def discard_from(self, epoch: int) -> list[int]:
+        """Delete the run's evaluations of ``epoch`` and later (a resumed fit redoes them; a fresh one replaces them).
+
+        Args:
+            epoch: The first epoch to delete (0 = the whole history of the run; its configuration stays).
+
+        Returns:
+            The epochs that had an evaluation, sorted.
+
+        Raises:
+            TypeError: If ``epoch`` is not an int.
+            PermissionError: If the store was opened read-only.
+
+        Example:
+            >>> store.discard_from(3)  # a fit resumed from its epoch-2 checkpoint  # doctest: +SKIP
+            [3, 4]
+        """
+        epoch = _index(epoch, "`epoch`")
+        with self._transaction():
+            gone = [row[0] for row in self._conn.execute(
+                "SELECT epoch FROM evaluations WHERE run = ? AND epoch >= ? ORDER BY epoch", (self.run, epoch))]
+            for table in _EVALUATION_TABLES:
+                self._conn.execute(f"DELETE FROM {table} WHERE run = ? AND epoch >= ?", (self.run, epoch))
+        return gone
 
     def write_evaluation(
         self,
@@ -566,8 +615,8 @@ class ExplanationStore:
         alert_rows = self._alert_rows(epoch, alerts)
         evaluation_row = (run, epoch, step, time.time(), time_s, len(ids))
 
-        self._begin()
-        try:
+        with self._transaction():
+            self._add_run()
             for table in _EVALUATION_TABLES:
                 self._conn.execute(f"DELETE FROM {table} WHERE run = ? AND epoch = ?", (run, epoch))
             self._insert("metrics", ("run", "epoch", "method", "sample", "metric", "value"), metric_rows)
@@ -584,10 +633,6 @@ class ExplanationStore:
             self._insert(
                 "evaluations", ("run", "epoch", "step", "wall_time", "time_s", "num_samples"), [evaluation_row]
             )
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
 
     def _alert_rows(self, epoch: int, alerts: Sequence[Any]) -> list[tuple[Any, ...]]:
         if isinstance(alerts, (str, bytes, Mapping)) or not isinstance(alerts, Iterable):

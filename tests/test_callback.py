@@ -149,6 +149,29 @@ def test_resume_continues_history_and_store_once_per_epoch(tmp_path: Path) -> No
         assert len(rows) == 4 * 6 and len({(r["epoch"], r["sample"]) for r in rows}) == 4 * 6
 
 
+def test_resume_keeps_the_default_store_and_drops_what_comes_after_the_checkpoint(tmp_path: Path) -> None:
+    # a logger without a pinned version starts version_1 on resume: the default store must not split in two
+    def fit(max_epochs: int, ckpt_path: Path | None = None) -> ExplanationMonitor:
+        monitor = ExplanationMonitor(target_layer="net.features", **{**FAST, "metrics": ()})
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
+        _trainer(tmp_path, [monitor, checkpoints], max_epochs=max_epochs, enable_checkpointing=True,
+                 logger=TensorBoardLogger(tmp_path, name="")).fit(DigitsModule(), datamodule=DigitsData(),
+                                                                  ckpt_path=ckpt_path)
+        return monitor
+
+    pl.seed_everything(3)
+    fit(3)
+    store = tmp_path / "version_0" / "xcam.sqlite"
+    # rewinding to epoch 0 abandons the stored epochs 1 and 2 of the first fit; the resumed fit redoes epoch 1 only
+    with pytest.warns(UserWarning, match=r"deleted the evaluations of epochs \[1, 2\] of run 'default'"):
+        resumed = fit(2, tmp_path / "ckpt" / "epoch=0.ckpt")
+    assert [h["epoch"] for h in resumed.history] == [0, 1]
+    assert not (tmp_path / "version_1" / "xcam.sqlite").exists() and (tmp_path / "version_1").is_dir()
+    with ExplanationStore(store, create=False) as db:
+        assert db.epochs() == [0, 1]
+        assert [h["step"] for h in resumed.history] == [r["step"] for r in db.evaluations()]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn on CPU")
 def test_ddp_spawn_explains_every_probe_item_once(tmp_path: Path) -> None:
@@ -391,7 +414,11 @@ def test_explicit_spurious_masks_replace_what_probe_items_carry() -> None:
 
 def test_state_key_names_the_identifying_arguments() -> None:
     monitor = ExplanationMonitor(target_layer="net.features", every_n_epochs=2, num_probe=8)
-    assert monitor.state_key == "ExplanationMonitor{'target_layer': 'net.features', 'every_n_epochs': 2, 'num_probe': 8}"
+    assert monitor.state_key == ("ExplanationMonitor{'target_layer': 'net.features', 'methods': ('expected_gradcam', "
+                                 "'gad'), 'every_n_epochs': 2, 'num_probe': 8}")
+    # two monitors on one layer with their own methods (and stores) keep their own checkpoint state
+    other = ExplanationMonitor(target_layer="net.features", every_n_epochs=2, num_probe=8, methods="gradcam")
+    assert other.state_key != monitor.state_key
 
 
 def test_expected_gradcam_maps_come_from_gads_pass(small_cnn: torch.nn.Module, digits: tuple) -> None:
@@ -463,9 +490,14 @@ def test_runs_under_different_logger_names_stay_apart_in_a_shared_store(tmp_path
     with ExplanationStore(store) as db:
         assert sorted(r["run"] for r in db.runs()) == ["exp_a/version_0", "exp_b/version_0"]
     again = ExplanationMonitor(target_layer="net.features", store=str(store), **{**FAST, "metrics": ()})
-    with pytest.warns(UserWarning, match="already holds evaluations"):
+    with ExplanationStore(store, run="exp_a/version_0") as db:  # an older, longer fit: its epochs 0-2 all go
+        for epoch in (1, 2):
+            db.write_evaluation(epoch, [0], summaries={"xcam/alert": 0.0})
+    with pytest.warns(UserWarning, match=r"deleted the evaluations of epochs \[0, 1, 2\] of run 'exp_a/version_0'"):
         _trainer(tmp_path, [again], max_epochs=1, logger=TensorBoardLogger(tmp_path, name="exp_a", version=0)).fit(
             DigitsModule(), datamodule=DigitsData())
+    with ExplanationStore(store, create=False) as db:
+        assert db.epochs(run="exp_a/version_0") == [0] and db.epochs(run="exp_b/version_0") == [0]
 
 
 class _Diverging(pl.LightningModule):

@@ -150,6 +150,23 @@ def test_resume_continues_the_history_and_runs_are_separate(tmp_path: Path) -> N
         assert other.epochs() == [0] and len(other.metrics()) == 1
         assert other.epochs(run="a") == [0, 1, 2]
         assert [r["run"] for r in other.runs()] == ["a", "b"]
+    with ExplanationStore(path, run="a") as store:  # a fit resumed from its epoch-0 checkpoint
+        assert store.discard_from(1) == [1, 2] and store.discard_from(1) == []
+        assert store.epochs() == [0] and len(store.metrics()) == 3 * B and store.config() == {"seed": 0}
+        assert store.epochs(run="b") == [0]  # other runs are left alone
+
+
+def test_a_damaged_store_is_refused_before_a_fit_writes_to_it(tmp_path: Path) -> None:
+    path = tmp_path / "xcam.sqlite"
+    with ExplanationStore(path) as store:
+        for epoch in range(8):
+            store.write_evaluation(epoch, range(B), **_evaluation(epoch))
+    data = bytearray(path.read_bytes())  # closing folded the WAL into the file
+    middle = len(data) // 2 // 4096 * 4096
+    data[middle:middle + 4096] = bytes(range(256)) * 16  # a page overwritten: the header is intact
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreFormatError, match="is damaged .*quick_check.*new `store` path"):
+        ExplanationStore(path)
 
 
 def test_foreign_and_missing_files_raise_clear_errors(tmp_path: Path) -> None:
