@@ -853,7 +853,7 @@ class _ProbeData:
                     raise MisconfigurationException("`probe` is empty; pass at least one (x, y) item.")
                 indices = list(range(n))
             else:
-                probe_set = _dataset(trainer.val_dataloaders) or train
+                probe_set = _dataset(_validation_loaders(trainer)) or train
                 if probe_set is None:
                     raise MisconfigurationException("ExplanationMonitor found no dataset to draw the probe from.")
                 n = _length(probe_set, "the training dataset" if probe_set is train else "the validation dataset")
@@ -866,6 +866,7 @@ class _ProbeData:
                 probe_idx = set(indices) if probe_set is train else None
             source = ("`probe`" if monitor.probe is not None
                       else "the training dataset" if probe_set is train else "the validation dataset")
+            rank_zero_info(f"xcam: the probe is {len(indices)} items of {source}")
             # explicit `spurious_masks` replace what the items carry, so their third element is not read
             x, masks = _stack([probe_set[i] for i in indices], source, with_masks=monitor.spurious_masks is None)
             broken = nonfinite_rows(x)
@@ -949,6 +950,17 @@ def _length(dataset: Any, source: str) -> int:
         ) from error
 
 
+def _validation_loaders(trainer: pl.Trainer) -> Any:
+    """The fit's validation dataloaders. Lightning sets them up before training only when epoch 0 validates;
+    with ``check_val_every_n_epoch > 1`` and no sanity check they are set up here, by the loop's own method,
+    which does not run again at the first validation (the probe came from the training set instead)."""
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    source = getattr(loop, "_data_source", None)
+    if trainer.val_dataloaders is None and source is not None and source.is_defined():
+        loop.setup_data()
+    return trainer.val_dataloaders
+
+
 def _dataset(loaders: Any) -> Any:
     if loaders is None:
         return None
@@ -997,10 +1009,12 @@ def _binary_masks(masks: Tensor, name: str) -> Tensor:
 
 def _item_error(source: str, got: str) -> MisconfigurationException:
     """The error for dataset items the monitor cannot read as images."""
+    fix = ("Pass `probe=` a dataset of such items, e.g. TensorDataset(images, labels)" if source != "the training dataset"
+           else "Expected Grad-CAM and GAD draw their reference images from it: give it such items, or use "
+                "methods=('gradcam', 'integrated_gradcam'), which read no training image (with `probe=` for the probe)")
     return MisconfigurationException(
         f"ExplanationMonitor reads the items of {source} (dataset[i], before any collate_fn or batch transfer "
-        f"hook) as an image tensor or an (x, y[, mask]) tuple of equally shaped images, got {got}. Pass "
-        "`probe=` a dataset of such items, e.g. TensorDataset(images, labels)."
+        f"hook) as an image tensor or an (x, y[, mask]) tuple of equally shaped images, got {got}. {fix}."
     )
 
 

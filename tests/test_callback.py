@@ -337,11 +337,30 @@ def test_methods_without_training_references_need_no_readable_training_set(tmp_p
         monitor = ExplanationMonitor(target_layer="net.features", **{**FAST, "methods": methods, "probe": probe})
         trainer = _trainer(tmp_path, [monitor], max_epochs=1, logger=False)
         if fails:
-            with pytest.raises(MisconfigurationException, match="the training dataset.*got dict items"):
+            with pytest.raises(MisconfigurationException, match=r"the training dataset.*got dict items.*reference "
+                               r"images from it.*methods=\('gradcam', 'integrated_gradcam'\)"):
                 trainer.fit(module, train)
         else:
             trainer.fit(module, train)
             assert len(monitor.history) == 1 and "xcam/gradcam/insertion_auc" in monitor.history[0]
+
+
+@pytest.mark.slow
+def test_the_probe_comes_from_the_validation_set_even_when_epoch_0_does_not_validate(tmp_path: Path) -> None:
+    # Lightning sets the validation loaders up before training only when epoch 0 validates
+    def fit(callbacks: list) -> dict[str, torch.Tensor]:
+        pl.seed_everything(4)
+        model = DigitsModule()
+        _trainer(tmp_path, callbacks, num_sanity_val_steps=0, check_val_every_n_epoch=2).fit(
+            model, datamodule=DigitsData())
+        return _weights(model)
+
+    monitor = ExplanationMonitor(target_layer="net.features", store=False, **{**FAST, "metrics": ()})
+    watched = fit([monitor])
+    validation = DigitsData().val_set.tensors[0]
+    assert all(bool((validation == item).all(dim=(1, 2, 3)).any()) for item in monitor._data.x.cpu())
+    plain = fit([])
+    assert all(torch.equal(plain[k], watched[k]) for k in plain)  # setting the loaders up early changes nothing
 
 
 def test_a_probe_drawn_from_all_training_items_names_the_fix(tmp_path: Path) -> None:
