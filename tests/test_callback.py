@@ -363,6 +363,21 @@ def test_the_probe_comes_from_the_validation_set_even_when_epoch_0_does_not_vali
     assert all(torch.equal(plain[k], watched[k]) for k in plain)  # setting the loaders up early changes nothing
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("inner", [False, True], ids=["compiled-module", "compiled-submodule"])
+def test_a_compiled_model_is_explained_eagerly(tmp_path: Path, inner: bool) -> None:
+    # a compiled graph does not call the hooks put on the CAM layer after compilation: without running eagerly
+    # the first evaluation failed with "the target layer did not run in the model's forward pass"
+    model = DigitsModule()
+    if inner:
+        model.net = torch.compile(model.net, backend="eager")
+    monitor = ExplanationMonitor(store=False, **{**FAST, "methods": ("gradcam",), "metrics": ("deletion",)})
+    _trainer(tmp_path, [monitor], max_epochs=1, logger=False).fit(
+        model if inner else torch.compile(model, backend="eager"), datamodule=DigitsData())
+    assert monitor.layer_name == ("net._orig_mod.features" if inner else "net.features")
+    assert math.isfinite(monitor.history[0]["xcam/gradcam/deletion_auc"])
+
+
 def test_a_probe_drawn_from_all_training_items_names_the_fix(tmp_path: Path) -> None:
     x, y = load_digits_tensors(16)
     loader = DataLoader(TensorDataset(x[:8], y[:8]), batch_size=8)

@@ -158,7 +158,8 @@ def explanation_context(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in a state fit for explanation and restore everything on exit.
 
     Inside the context: every submodule in eval mode, gradients enabled, inference mode and autocast
-    disabled. Explanation code must still take gradients with ``torch.autograd.grad`` only (never
+    disabled, and ``torch.compile``'d code run eagerly (a compiled graph does not call the hooks that
+    explanations put on a layer, and explaining must not recompile the training graph). Explanation code must still take gradients with ``torch.autograd.grad`` only (never
     ``.backward()``) and draw randomness from its own ``torch.Generator``; the context is the safety net
     that puts back whatever it touched anyway.
 
@@ -190,6 +191,8 @@ def explanation_context(model: nn.Module) -> Iterator[nn.Module]:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autocast(device.type, enabled=False))
+        if hasattr(torch.compiler, "set_stance"):  # torch >= 2.6; older versions cannot skip compiled code
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
         if any(snapshot.training):
             model.eval()
         yield model
