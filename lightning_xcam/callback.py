@@ -281,6 +281,7 @@ class ExplanationMonitor(Callback):
         self._previous: dict[str, Tensor] = {}
         self._last_run_epoch = -1
         self._after_scores = 0.0
+        self._compared_with_batches = False
 
     # ---------------------------------------------------------------------------------------------------
     # Lightning plumbing
@@ -347,6 +348,24 @@ class ExplanationMonitor(Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._due(trainer) and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._evaluate(trainer, pl_module, in_train_hook=False)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        # the probe is read from dataset items, before collate_fn and the transfer hooks: a normalisation done
+        # there would be missing, and every explanation computed on images the model never sees
+        if self._data is None or self._compared_with_batches:
+            return
+        self._compared_with_batches = True
+        images = _image_batch(batch, self._data.x.shape[1:])
+        difference = None if images is None else _scale_difference(self._data.x, images)
+        if difference:
+            rank_zero_warn(
+                f"ExplanationMonitor: the probe images look unlike the training batches ({difference}). The monitor "
+                "reads probe (and reference) images as dataset[i], before any collate_fn or batch transfer hook; "
+                "if a hook normalises the images, normalise them in the dataset, or pass `probe=` images in "
+                "model-input space.",
+                category=UserWarning,
+            )
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -959,6 +978,29 @@ def _validation_loaders(trainer: pl.Trainer) -> Any:
     if trainer.val_dataloaders is None and source is not None and source.is_defined():
         loop.setup_data()
     return trainer.val_dataloaders
+
+
+def _image_batch(batch: Any, shape: torch.Size) -> Tensor | None:
+    """The first tensor in a training batch (tuple, list or dict, nested) holding images of ``shape``."""
+    if isinstance(batch, Tensor):
+        return batch if batch.ndim == 4 and batch.shape[1:] == shape else None
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    return next((found for item in items if (found := _image_batch(item, shape)) is not None), None)
+
+
+def _scale_difference(probe: Tensor, images: Tensor) -> str | None:
+    """How the probe's pixel scale differs from a training batch's, or ``None`` if it is alike (a spread or
+    a centre off by more than 4 batch standard deviations, as 0–255 pixels against standardised ones)."""
+    with torch.no_grad():
+        batch = images.detach().float()
+        probe = probe.to(batch.device)
+        spread, centre = float(batch.std()), float(batch.mean())
+        probe_spread, probe_centre = float(probe.std()), float(probe.mean())
+    scale = max(spread, 1e-6)
+    if probe_spread > 4 * scale or probe_spread < scale / 4 or abs(probe_centre - centre) > 4 * scale:
+        return (f"probe mean {probe_centre:.3g}, std {probe_spread:.3g}; first training batch mean {centre:.3g}, "
+                f"std {spread:.3g}")
+    return None
 
 
 def _dataset(loaders: Any) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -376,6 +377,35 @@ def test_a_compiled_model_is_explained_eagerly(tmp_path: Path, inner: bool) -> N
         model if inner else torch.compile(model, backend="eager"), datamodule=DigitsData())
     assert monitor.layer_name == ("net._orig_mod.features" if inner else "net.features")
     assert math.isfinite(monitor.history[0]["xcam/gradcam/deletion_auc"])
+
+
+class _NormalisedOnTransfer(DigitsClassifier):
+    """Keeps uint8 images in its datasets and standardises them in `on_after_batch_transfer`."""
+
+    def __init__(self) -> None:
+        super().__init__(width=8)
+
+    def on_after_batch_transfer(self, batch: tuple, dataloader_idx: int) -> tuple:
+        x, y = batch
+        return (x.float() / 255 - 0.5) / 0.25, y
+
+
+@pytest.mark.parametrize("hook", [False, True], ids=["model-ready-items", "normalised-in-a-transfer-hook"])
+def test_probe_images_unlike_the_training_batches_are_named(tmp_path: Path, hook: bool) -> None:
+    x, y = load_digits_tensors(16)
+    if hook:  # the monitor reads dataset items: it sees 0-255 pixels where training batches are standardised
+        x = ((x - x.min()) / (x.max() - x.min()) * 255).round().to(torch.uint8)
+    loaders = [DataLoader(TensorDataset(x[a:b], y[a:b]), batch_size=32) for a, b in ((0, 96), (1500, 1532))]
+    monitor = ExplanationMonitor(target_layer="net.features", store=False, **{**FAST, "metrics": ()})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [monitor], max_epochs=1, logger=False).fit(
+            _NormalisedOnTransfer() if hook else DigitsModule(), *loaders)
+    unlike = [str(w.message) for w in caught if "look unlike the training batches" in str(w.message)]
+    assert len(unlike) == (1 if hook else 0)
+    if hook:
+        assert re.search(r"probe mean \d\d\.\d, std \d\d\.\d; first training batch mean -?0\.", unlike[0])
+        assert "normalise them in the dataset" in unlike[0]
 
 
 def test_a_probe_drawn_from_all_training_items_names_the_fix(tmp_path: Path) -> None:
