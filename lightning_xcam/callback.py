@@ -314,7 +314,13 @@ class ExplanationMonitor(Callback):
                 resolve_layer(pl_module, self.target_layer)
             except (ValueError, TypeError) as err:
                 raise MisconfigurationException(str(err)) from err
-        if self.log_images and not any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
+        if trainer.barebones:
+            rank_zero_warn(
+                "ExplanationMonitor under `Trainer(barebones=True)`: Lightning logs nothing, so the monitor's scalars, "
+                "images and alert texts reach no logger; read `monitor.history`, `monitor.alerts` and the store.",
+                category=UserWarning,
+            )
+        elif self.log_images and not any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers):
             rank_zero_warn(
                 "ExplanationMonitor: no TensorBoardLogger in `trainer.loggers`; scalars are still logged, "
                 "heatmap images are not.",
@@ -872,7 +878,12 @@ class _ProbeData:
                     raise MisconfigurationException("`probe` is empty; pass at least one (x, y) item.")
                 indices = list(range(n))
             else:
-                probe_set = _dataset(_validation_loaders(trainer)) or train
+                validation = _dataset(_validation_loaders(trainer))
+                if validation is not None and not hasattr(validation, "__len__"):
+                    rank_zero_info("xcam: the validation dataset has no length (an IterableDataset): the probe is "
+                                   "drawn from the training dataset")
+                    validation = None
+                probe_set = validation or train
                 if probe_set is None:
                     raise MisconfigurationException("ExplanationMonitor found no dataset to draw the probe from.")
                 n = _length(probe_set, "the training dataset" if probe_set is train else "the validation dataset")

@@ -408,6 +408,32 @@ def test_probe_images_unlike_the_training_batches_are_named(tmp_path: Path, hook
         assert "normalise them in the dataset" in unlike[0]
 
 
+class _Digits(torch.utils.data.IterableDataset):
+    """Validation digits as a stream: no length, so no probe can be drawn from it by index."""
+
+    def __iter__(self):
+        x, y = load_digits_tensors(16)
+        yield from zip(x[1500:1532], y[1500:1532])
+
+
+def test_an_unsized_validation_set_leaves_the_probe_to_the_training_set(tmp_path: Path) -> None:
+    x, y = load_digits_tensors(16)
+    train = DataLoader(TensorDataset(x[:96], y[:96]), batch_size=32)
+    monitor = ExplanationMonitor(target_layer="net.features", store=False, **{**FAST, "metrics": ()})
+    _trainer(tmp_path, [monitor], max_epochs=1, logger=False).fit(DigitsModule(), train, DataLoader(_Digits(), batch_size=16))
+    assert all(bool((x[:96] == item).all(dim=(1, 2, 3)).any()) for item in monitor._data.x.cpu())
+    assert len(monitor.history) == 1
+
+
+def test_barebones_says_that_nothing_reaches_a_logger(tmp_path: Path) -> None:
+    monitor = ExplanationMonitor(target_layer="net.features", store=False, **{**FAST, "metrics": ()})
+    trainer = pl.Trainer(barebones=True, max_epochs=1, accelerator="cpu", devices=1, callbacks=[monitor],
+                         default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"barebones=True.*reach no logger; read `monitor.history`"):
+        trainer.fit(DigitsModule(), datamodule=DigitsData())
+    assert len(monitor.history) == 1 and "xcam/alert" in monitor.history[0]
+
+
 def test_a_probe_drawn_from_all_training_items_names_the_fix(tmp_path: Path) -> None:
     x, y = load_digits_tensors(16)
     loader = DataLoader(TensorDataset(x[:8], y[:8]), batch_size=8)

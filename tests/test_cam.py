@@ -366,3 +366,14 @@ def test_bad_arguments_get_clear_errors(small_cnn: nn.Module) -> None:
         ExpectedGradCAM(small_cnn, "features", references=x, seed="a")
     with pytest.raises(ValueError, match="`stream` must be an int >= 0"):
         ExpectedGradCAM(small_cnn, "features", references=x)(x, stream="a")
+
+    class DictOutput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = small_cnn
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.net(x)}
+
+    with pytest.raises(TypeError, match=r"logits tensor \[B, K\], got dict; explain a wrapper.*\['logits'\]"):
+        GradCAM(DictOutput(), "net.features")(x)

@@ -100,7 +100,10 @@ class _LayerProbe:
         with hooked(layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(self.layers)), torch.no_grad():
             output = self.model(points)
         if not isinstance(output, Tensor):
-            raise TypeError(f"the model must return a logits tensor, got {type(output).__name__}.")
+            raise TypeError(
+                f"the model must return a logits tensor [B, K], got {type(output).__name__}; explain a wrapper whose "
+                "forward returns the logits alone (e.g. `return self.model(x)['logits']`)."
+            )
         if any(a is None for a in captured):
             raise ValueError("the target layer did not run in the model's forward pass; pick a layer the model uses.")
         logits = output if output.ndim == 3 else output.unsqueeze(0)
