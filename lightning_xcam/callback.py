@@ -349,6 +349,12 @@ class ExplanationMonitor(Callback):
                 write_layout(logger.experiment, self.methods, floors=self.floor_size > 0,
                              shortcuts=self._shortcut_method)
         self.budget.resume_training()
+        missed = trainer.current_epoch - 1
+        if trainer.ckpt_path is not None and missed > self._last_run_epoch and (missed + 1) % self.every_n_epochs == 0:
+            # a checkpoint saved on an epoch's last batch resumes at the next epoch, and Lightning runs no end-of-
+            # epoch hook for the one it saved in: its weights are that epoch's final ones, so evaluate it now
+            rank_zero_info(f"xcam: evaluating epoch {missed}, whose end the resumed checkpoint skips")
+            self._evaluate(trainer, pl_module, in_train_hook=False, epoch=missed)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -460,18 +466,19 @@ class ExplanationMonitor(Callback):
     # ---------------------------------------------------------------------------------------------------
     # One evaluation
 
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_train_hook: bool) -> None:
+    def _evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_train_hook: bool, epoch: int | None = None
+    ) -> None:
         assert self._data is not None, "on_train_start draws the probe before the first evaluation"
         self.budget.begin()
         try:
-            self._run_evaluation(trainer, pl_module, in_train_hook)
+            self._run_evaluation(trainer, pl_module, in_train_hook, trainer.current_epoch if epoch is None else epoch)
         finally:
             self.budget.end()
 
-    def _run_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_train_hook: bool) -> None:
+    def _run_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, in_train_hook: bool, epoch: int) -> None:
         assert self._data is not None
         started = time.perf_counter()
-        epoch = trainer.current_epoch
         self._last_run_epoch = epoch
         evaluation = len(self.history)
         minimal = bool(trainer.fast_dev_run)
@@ -736,7 +743,7 @@ class ExplanationMonitor(Callback):
             return
         decision = trainer.strategy.reduce_boolean_decision(bool(new_alerts), all=False)
         if decision and not trainer.should_stop:
-            self.stopped_epoch = trainer.current_epoch
+            self.stopped_epoch = self._last_run_epoch
             rank_zero_info(f"ExplanationMonitor: stopping at epoch {self.stopped_epoch} after a shortcut alert.")
         trainer.should_stop = trainer.should_stop or decision
 

@@ -173,6 +173,43 @@ def test_resume_keeps_the_default_store_and_drops_what_comes_after_the_checkpoin
         assert [h["step"] for h in resumed.history] == [r["step"] for r in db.evaluations()]
 
 
+class _Crash(Exception):
+    pass
+
+
+def test_an_epoch_whose_end_a_last_batch_checkpoint_skips_is_evaluated_on_resume(tmp_path: Path) -> None:
+    # 6 batches per epoch: the step checkpoint of epoch 1's last batch resumes at epoch 2, and Lightning runs no
+    # end-of-epoch hook for epoch 1; the crash stands for a kill inside the monitor's evaluation of epoch 1
+    store = tmp_path / "xcam.sqlite"
+
+    def fit(max_epochs: int, crash_at: int | None = None, ckpt_path: Path | None = None) -> ExplanationMonitor:
+        monitor = ExplanationMonitor(target_layer="net.features", store=str(store), **{**FAST, "metrics": ()})
+        if crash_at is not None:
+            evaluate = monitor._run_evaluation
+
+            def crashing(trainer: pl.Trainer, pl_module: pl.LightningModule, in_train_hook: bool, epoch: int) -> None:
+                if epoch == crash_at:
+                    raise _Crash
+                evaluate(trainer, pl_module, in_train_hook, epoch)
+
+            monitor._run_evaluation = crashing
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=6)
+        _trainer(tmp_path, [monitor, checkpoints], max_epochs=max_epochs, enable_checkpointing=True).fit(
+            DigitsModule(), datamodule=DigitsData(), ckpt_path=ckpt_path)
+        return monitor
+
+    pl.seed_everything(5)
+    with pytest.raises(_Crash):
+        fit(3, crash_at=1)
+    resumed = fit(3, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    with ExplanationStore(store, run="version_0", create=False) as db:
+        assert db.epochs() == [0, 1, 2]
+    store.unlink()
+    whole = fit(3)  # the same run without the crash: the same evaluations at the same steps
+    assert [(h["epoch"], h["step"]) for h in resumed.history] == [(h["epoch"], h["step"]) for h in whole.history]
+    assert len(whole.history) == 3
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn on CPU")
 def test_ddp_spawn_explains_every_probe_item_once(tmp_path: Path) -> None:
