@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from lightning_xcam._checks import Targets, check_images, resolve_targets
 from lightning_xcam.maps import degenerate, pool, unit_mass, upsample
 from lightning_xcam.methods._guard import model_device, explanation_context, fresh_input
-from lightning_xcam.metrics._perturb import Substrate, check_max_batch, chunked_scores, make_substrate
+from lightning_xcam.metrics._perturb import Substrate, check_max_batch, chunked_scores, clean_logits, make_substrate
 
 __all__ = [
     "ALERT_KINDS",
@@ -910,9 +910,7 @@ def region_reliance(
         device = model_device(model)
         images = fresh_input(x, device=device)
         generator = generator or _default_generator(device)
-        with torch.inference_mode():
-            chunk = max_batch or batch
-            logits = torch.cat([model(images[i : i + chunk]).float() for i in range(0, batch, chunk)]).clone()
+        logits = clean_logits(model, images, max_batch)
         targets = resolve_targets(targets, logits)
         p_clean = logits.softmax(dim=1).gather(1, targets[:, None]).squeeze(1)
         region = region_masks.to(device) != 0
@@ -1019,9 +1017,7 @@ def region_sufficiency(
         device = model_device(model)
         images = fresh_input(x, device=device)
         generator = generator or _default_generator(device)
-        with torch.inference_mode():
-            chunk = max_batch or batch
-            logits = torch.cat([model(images[i : i + chunk]).float() for i in range(0, batch, chunk)]).clone()
+        logits = clean_logits(model, images, max_batch)
         targets = resolve_targets(targets, logits)
         probs = logits.softmax(dim=1)
         recipients, ok = _recipients(targets, n_recipients, generator)

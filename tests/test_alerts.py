@@ -534,6 +534,13 @@ def test_bad_inputs_raise_clear_errors() -> None:
         region_sufficiency(nn.Flatten(), torch.ones(1, 1, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool), n_recipients=0)
     with pytest.raises(ValueError, match="region_masks"):
         region_sufficiency(nn.Flatten(), torch.ones(1, 1, 4, 4), torch.ones(1, 8, 8, dtype=torch.bool))
+    diverged = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    nn.init.constant_(diverged[1].bias, float("nan"))
+    region = torch.zeros(2, 4, 4, dtype=torch.bool)
+    region[:, 0, 0] = True
+    for check in (region_reliance, region_sufficiency):  # NaN probabilities would pass as "no effect"
+        with pytest.raises(ValueError, match=r"non-finite logits for 2 of 2 images.*diverged"):
+            check(diverged, torch.ones(2, 1, 4, 4), region, torch.tensor([0, 1]), n_random=2)
     with pytest.raises(ValueError, match="min_rise"):
         WarningRule(min_rise=float("inf"))
     with pytest.raises(ValueError, match="value"):

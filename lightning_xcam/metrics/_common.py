@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from lightning_xcam._checks import Targets, check_images, check_maps, resolve_targets
 from lightning_xcam.maps import upsample
 from lightning_xcam.methods._guard import model_device, fresh_input
+from lightning_xcam.metrics._perturb import clean_logits
 
 __all__ = [
     "Clean",
@@ -205,14 +206,6 @@ def clean_pass(
     maps = check_maps(maps, x, nonnegative=nonnegative)
     device = model_device(model)
     x = fresh_input(x, device=device)
-    with torch.inference_mode():
-        logits = model(x).float()
-    logits = logits.clone()
-    broken = ~torch.isfinite(logits).all(dim=1)
-    if bool(broken.any()):
-        raise ValueError(
-            f"the model returns non-finite logits for {int(broken.sum())} of {broken.numel()} images (rows "
-            f"{broken.nonzero().flatten()[:8].tolist()}); a diverged model cannot be scored. Check its weights."
-        )
+    logits = clean_logits(model, x, None)
     resolved = resolve_targets(targets, logits)
     return Clean(x=x, maps=upsample(maps.to(device), tuple(x.shape[-2:])), targets=resolved, logits=logits)

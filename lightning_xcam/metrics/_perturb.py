@@ -132,6 +132,34 @@ def check_max_batch(max_batch: int | None) -> int | None:
     return max_batch
 
 
+def clean_logits(model: nn.Module, images: Tensor, max_batch: int | None) -> Tensor:
+    """The model's float32 logits on ``images``, forwarded in chunks of ``max_batch`` (``None``: at once).
+
+    Call it inside :func:`explanation_context` with ``images`` from :func:`fresh_input`; the forwards run
+    under ``torch.inference_mode()`` and the result is a normal tensor.
+
+    Raises:
+        ValueError: If a row of logits is not finite (a diverged model: nothing computed from it would mean
+            anything).
+
+    Example:
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+        >>> clean_logits(net, torch.zeros(5, 1, 2, 2), 2).shape
+        torch.Size([5, 3])
+    """
+    chunk = max_batch or images.shape[0]
+    with torch.inference_mode():
+        logits = torch.cat([model(part).float() for part in images.split(chunk)])
+    logits = logits.clone()  # outside inference mode: a normal tensor
+    broken = ~torch.isfinite(logits).flatten(1).all(dim=1)
+    if bool(broken.any()):
+        raise ValueError(
+            f"the model returns non-finite logits for {int(broken.sum())} of {broken.numel()} images (rows "
+            f"{broken.nonzero().flatten()[:8].tolist()}); a diverged model cannot be scored. Check its weights."
+        )
+    return logits
+
+
 def chunked_scores(
     model: nn.Module,
     num_rows: int,
