@@ -8,9 +8,42 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_images", "check_maps", "targets_tensor", "resolve_targets", "Targets"]
+__all__ = ["check_images", "check_maps", "check_int", "targets_tensor", "resolve_targets", "Targets"]
 
 Targets = Tensor | int | None
+
+
+def check_int(value: object, name: str, minimum: int = 1, maximum: int | None = None, why: str = "") -> int:
+    """``value`` if it is an int (not a bool) in ``[minimum, maximum]``; the one check of every int argument.
+
+    Args:
+        value: The argument.
+        name: Its name, for the message.
+        minimum: Smallest allowed value.
+        maximum: Largest allowed value, or ``None``.
+        why: Words added to the message after the range, e.g. ``" (controls give a mean and a std)"``.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        TypeError: If ``value`` is not an int.
+        ValueError: If it lies outside the range.
+
+    Example:
+        >>> check_int(3, "steps")
+        3
+        >>> check_int(0, "steps")
+        Traceback (most recent call last):
+        ...
+        ValueError: `steps` must be an int >= 1, got 0.
+    """
+    span = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int {span}{why}, got {type(value).__name__} {value!r:.40}.")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"`{name}` must be an int {span}{why}, got {value}.")
+    return value
 
 
 def check_images(x: object, name: str = "x") -> Tensor:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xcam._checks import Targets, check_images, resolve_targets
+from lightning_xcam._checks import Targets, check_images, check_int, resolve_targets
 from lightning_xcam.maps import degenerate, pool, unit_mass, upsample
 from lightning_xcam.methods._guard import model_device, explanation_context, fresh_input
 from lightning_xcam.metrics._perturb import Substrate, check_max_batch, chunked_scores, clean_logits, make_substrate
@@ -374,8 +374,7 @@ def kmeans(
     if not isinstance(points, Tensor) or points.ndim != 2 or not points.is_floating_point():
         raise TypeError("`points` must be a floating tensor of shape [n, d].")
     n = points.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"`k` must be an int in [1, {n}] (the number of points), got {k!r}.")
+    check_int(k, "k", maximum=n, why=" (at most the number of points)")
     generator = generator or _default_generator(points.device)
     draw_device = generator.device
     batch = points.unsqueeze(0).expand(n_init, n, points.shape[1])
@@ -567,8 +566,7 @@ def spectral_clusters(
     if groups is not None:
         groups = _int_vector(groups, batch, "groups").to(device)
     for name, value, low in (("k_nn", k_nn, 1), ("max_clusters", max_clusters, 2), ("min_maps", min_maps, 3)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
+        check_int(value, name, minimum=low)
     generator = generator or _default_generator(device)
     valid = ~degenerate(maps)
     # float64 for the spectrum; MPS has no float64, so that (small, [n, n]) part runs on the CPU there.
@@ -851,8 +849,7 @@ def _check_regions(x: Tensor, region_masks: object, n_random: object, max_batch:
             f"`region_masks` must have shape [{batch}, {height}, {width}] (the images' batch and size), "
             f"got {tuple(region_masks.shape)}; upsample maps with `top_region(maps, size=(H, W))`."
         )
-    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 2:
-        raise ValueError(f"`n_random` must be an int >= 2 (controls give a mean and a std), got {n_random!r}.")
+    check_int(n_random, "n_random", minimum=2, why=" (controls give a mean and a std)")
     check_max_batch(max_batch)
     return region_masks
 
@@ -1010,8 +1007,7 @@ def region_sufficiency(
         torch.Size([4, 2])
     """
     region_masks = _check_regions(x, region_masks, n_random, max_batch)
-    if isinstance(n_recipients, bool) or not isinstance(n_recipients, int) or n_recipients < 1:
-        raise ValueError(f"`n_recipients` must be an int >= 1, got {n_recipients!r}.")
+    check_int(n_recipients, "n_recipients")
     batch = x.shape[0]
     with explanation_context(model):
         device = model_device(model)
@@ -1191,8 +1187,7 @@ class WarningRule:
         if min_sigma <= 0:
             raise ValueError(f"`min_sigma` must be > 0 (it keeps the noise floor from being zero), got {min_sigma}.")
         for name, value in (("patience", patience), ("floor_window", floor_window)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+            check_int(value, name)
         self.z_rise = float(z_rise)
         self.patience = patience
         self.level = float(level)
@@ -1603,8 +1598,7 @@ def evidence_image(
     sample_ids = _int_vector(sample_ids, images.shape[0], "sample_ids")
     if maps.shape[0] != images.shape[0]:
         raise ValueError(f"`maps` must hold one map per image ({images.shape[0]}), got {maps.shape[0]}.")
-    if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1:
-        raise ValueError(f"`max_items` must be an int >= 1, got {max_items!r}.")
+    check_int(max_items, "max_items")
     position = {int(i): row for row, i in enumerate(sample_ids.tolist())}
     rows = [position[int(i)] for i in sample_indices if int(i) in position][:max_items]
     if not rows:

@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from lightning_xcam import drift as drift_stats
 from lightning_xcam import metrics as xm
-from lightning_xcam._checks import nonfinite_rows
+from lightning_xcam._checks import check_int, nonfinite_rows
 from lightning_xcam.alerts import Alert, Observation, WarningRule, evidence_image, observe
 from lightning_xcam.budget import CostBudget
 from lightning_xcam.maps import degenerate
@@ -1129,8 +1129,10 @@ def _run_name(trainer: pl.Trainer) -> str:
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise MisconfigurationException(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+    try:
+        check_int(value, name, minimum)
+    except (TypeError, ValueError) as err:
+        raise MisconfigurationException(str(err)) from err
 
 
 def _check_names(name: str, values: str | Sequence[str], allowed: tuple[str, ...]) -> tuple[str, ...]:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_xcam._checks import check_int
+
 __all__ = ["load_digits_tensors", "SmallCNN", "DigitsClassifier", "DigitsDataModule", "add_decoy_tags", "load_lfw_tensors"]
 
 
@@ -127,8 +129,7 @@ def add_decoy_tags(
     count, _, height, width = images.shape
     if not isinstance(labels, Tensor) or labels.shape != (count,) or labels.is_floating_point():
         raise ValueError(f"`labels` must be an integer tensor of shape [{count}], got {labels!r:.60}.")
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= min(height, width):
-        raise ValueError(f"`size` must be an int in [1, {min(height, width)}] (the image side), got {size!r}.")
+    check_int(size, "size", maximum=min(height, width), why=" (the image side)")
     if position not in ("corner", "random"):
         raise ValueError(f"`position` must be 'corner' or 'random', got {position!r}.")
     if not 0 < contrast:

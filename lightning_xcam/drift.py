@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_xcam._checks import check_int
 from lightning_xcam.maps import degenerate, pool, unit_mass, zero_degenerate
 
 __all__ = [
@@ -93,8 +94,7 @@ def drift_maps(maps: Tensor, size: int = 16) -> Tensor:
         raise TypeError(f"`maps` must be a torch.Tensor of shape [B, h, w], got {type(maps).__name__}.")
     if maps.ndim != 3:
         raise ValueError(f"`maps` must have shape [B, h, w], got shape {tuple(maps.shape)}.")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"`size` must be a positive int, got {size!r}.")
+    check_int(size, "size")
     maps = maps.detach()
     if not maps.is_floating_point():
         maps = maps.float()

@@ -23,7 +23,7 @@ import zlib
 import torch
 from torch import Tensor
 
-from lightning_xcam._checks import check_images, check_maps
+from lightning_xcam._checks import check_images, check_int, check_maps
 from lightning_xcam.maps import display_normalize, unit_mass, upsample
 
 #: The fixed colour scale of the monitor's heatmaps (TensorBoard, report, alert evidence): a cell at this
@@ -227,10 +227,8 @@ def grid(images: Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0
         raise TypeError(f"`images` must be a torch.Tensor of shape [N, 3, H, W], got {type(images).__name__}.")
     if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] not in (1, 3):
         raise ValueError(f"`images` must have shape [N, 3, H, W] with N >= 1, got {tuple(images.shape)}.")
-    if isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1:
-        raise ValueError(f"`nrow` must be a positive int, got {nrow!r}.")
-    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"`padding` must be a non-negative int, got {padding!r}.")
+    check_int(nrow, "nrow")
+    check_int(padding, "padding", minimum=0)
     from torchvision.utils import make_grid  # deferred: torchvision costs a second at import (CLI start-up)
 
     return make_grid(images, nrow=nrow, padding=padding, pad_value=pad_value)

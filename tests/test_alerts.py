@@ -530,6 +530,8 @@ def test_bad_inputs_raise_clear_errors() -> None:
         region_reliance(nn.Flatten(), torch.ones(1, 1, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool), n_random=1)
     with pytest.raises(ValueError, match="region_masks"):
         region_reliance(nn.Flatten(), torch.ones(1, 1, 4, 4), torch.ones(1, 8, 8, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"`n_random` must be an int >= 2 \(controls give a mean and a std\), got str"):
+        region_reliance(nn.Flatten(), torch.ones(1, 1, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool), n_random="4")
     with pytest.raises(ValueError, match="n_recipients"):
         region_sufficiency(nn.Flatten(), torch.ones(1, 1, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool), n_recipients=0)
     with pytest.raises(ValueError, match="region_masks"):

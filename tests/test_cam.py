@@ -364,7 +364,7 @@ def test_bad_arguments_get_clear_errors(small_cnn: nn.Module) -> None:
         GradCAM(small_cnn, "features")(x, output_size=32)
     with pytest.raises(TypeError, match="`seed` must be an int"):
         ExpectedGradCAM(small_cnn, "features", references=x, seed="a")
-    with pytest.raises(ValueError, match="`stream` must be an int >= 0"):
+    with pytest.raises(TypeError, match="`stream` must be an int >= 0"):
         ExpectedGradCAM(small_cnn, "features", references=x)(x, stream="a")
 
     class DictOutput(nn.Module):

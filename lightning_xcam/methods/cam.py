@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_xcam._checks import Targets, check_images, resolve_targets, targets_tensor
+from lightning_xcam._checks import Targets, check_images, check_int, resolve_targets, targets_tensor
 from lightning_xcam.maps import OutputSize, resolve_output_size, upsample, zero_degenerate_stack
 from lightning_xcam.methods._guard import explanation_context, fresh_input, hooked, model_device
 from lightning_xcam.methods.layers import LayerSpec, resolve_layer
@@ -188,8 +188,8 @@ class _CAM:
     def __init__(self, model: nn.Module, target_layer: LayerSpec = None, batch_size: int | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"`batch_size` must be None or a positive int, got {batch_size!r}.")
+        if batch_size is not None:
+            check_int(batch_size, "batch_size", why=" or None")
         self.model = model
         self.batch_size = batch_size
         self._layer_spec = target_layer
@@ -259,8 +259,7 @@ class _CAM:
             sample_ids: As in :meth:`__call__`.
             stream: As in :meth:`__call__`.
         """
-        if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
-            raise ValueError(f"`stream` must be an int >= 0 (0: the main draws, 1: the replicate), got {stream!r}.")
+        check_int(stream, "stream", minimum=0, why=" (0: the main draws, 1: the replicate)")
         ids = self._sample_ids(sample_ids, x)
         path = self._path(probe, x, targets, ids, stream)
         parts: list[tuple[Tensor, ...]] = []
@@ -397,8 +396,7 @@ class IntegratedGradCAM(_CAM):
         batch_size: int | None = None,
     ) -> None:
         super().__init__(model, target_layer, batch_size)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
+        check_int(steps, "steps")
         if mode not in ("code", "figure"):
             raise ValueError(f"`mode` must be 'code' (official implementation) or 'figure' (paper figure), got {mode!r}.")
         self.steps = steps
@@ -505,8 +503,7 @@ class ExpectedGradCAM(_CAM):
                 f"`references` must be a [N_ref, C, H, W] tensor of reference images (N_ref >= 1), got {shape}. "
                 "Pass a bank of training images in model-input space."
             )
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"`n_samples` must be a positive int, got {n_samples!r}.")
+        check_int(n_samples, "n_samples")
         if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0):
             raise ValueError(f"`noise_std` must be a finite float >= 0, got {noise_std!r}.")
         for name, value, allowed in (

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xcam._checks import Targets, check_images
+from lightning_xcam._checks import Targets, check_images, check_int
 from lightning_xcam.maps import OutputSize, degenerate, resolve_output_size, upsample, zero_degenerate_stack
 from lightning_xcam.methods._guard import explanation_context, fresh_input, hooked
 from lightning_xcam.methods.cam import (
@@ -725,8 +725,7 @@ class GAD:
         for name, value, least in (("steps", steps, 1), ("warm_steps", warm_steps, 0), ("fit_batch_size", fit_batch_size, 1)):
             if value is None and name == "fit_batch_size":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"`{name}` must be an int >= {least}, got {value!r}.")
+            check_int(value, name, minimum=least)
         for name, value in (("lr", lr), ("min_margin", min_margin)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")

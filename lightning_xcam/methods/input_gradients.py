@@ -25,7 +25,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from lightning_xcam._checks import Targets, resolve_targets
+from lightning_xcam._checks import Targets, check_int, resolve_targets
 from lightning_xcam.methods._guard import hooked
 
 __all__ = ["INPUT_GRADIENT_METHODS", "InputGradients", "Heads", "SingleModel", "relu_rule"]
@@ -175,10 +175,9 @@ class InputGradients:
     ) -> None:
         if method not in INPUT_GRADIENT_METHODS:
             raise ValueError(f"`method` must be one of {INPUT_GRADIENT_METHODS}, got {method!r}.")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"`batch_size` must be None or a positive int, got {batch_size!r}.")
+        check_int(steps, "steps")
+        if batch_size is not None:
+            check_int(batch_size, "batch_size", why=" or None")
         if baseline is not None and not isinstance(baseline, Tensor):
             raise TypeError(f"`baseline` must be None or a tensor, got {type(baseline).__name__}.")
         self.method = method

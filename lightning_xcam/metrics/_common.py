@@ -23,7 +23,6 @@ __all__ = [
     "Result",
     "check_lone_maps",
     "check_masks",
-    "check_positive_int",
     "check_sample_ids",
     "clean_pass",
     "finish",
@@ -39,20 +38,6 @@ def finish(values: Tensor, valid: Tensor, return_valid: bool) -> Result:
     if not bool(torch.isfinite(values).all()):  # pragma: no cover - a bug, not a user error
         raise RuntimeError("internal error: a metric produced a non-finite value; please report it.")
     return (values, valid) if return_valid else values
-
-
-def check_positive_int(value: object, name: str) -> int:
-    """Check that ``value`` is an ``int >= 1``.
-
-    Raises:
-        TypeError: If it is not an int.
-        ValueError: If it is smaller than 1.
-    """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be a positive int, got {type(value).__name__}.")
-    if value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value}.")
-    return value
 
 
 def check_lone_maps(maps: object, nonnegative: bool = True, name: str = "maps") -> Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xcam._checks import check_images
+from lightning_xcam._checks import check_images, check_int
 from lightning_xcam.methods._guard import model_device, explanation_context, fresh_input
 
 __all__ = ["SUBSTRATES", "Substrate", "blur_kernel", "make_substrate", "target_probabilities", "check_max_batch"]
@@ -125,11 +125,7 @@ def check_max_batch(max_batch: int | None) -> int | None:
     """
     if max_batch is None:
         return None
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int):
-        raise TypeError(f"`max_batch` must be a positive int or None, got {type(max_batch).__name__}.")
-    if max_batch < 1:
-        raise ValueError(f"`max_batch` must be a positive int (rows per forward pass) or None, got {max_batch}.")
-    return max_batch
+    return check_int(max_batch, "max_batch", why=" (rows per forward pass) or None")
 
 
 def clean_logits(model: nn.Module, images: Tensor, max_batch: int | None) -> Tensor:

@@ -14,13 +14,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_xcam._checks import Targets, check_maps
+from lightning_xcam._checks import Targets, check_int, check_maps
 from lightning_xcam.maps import degenerate, display_normalize, upsample
 from lightning_xcam.methods._guard import explanation_context
 from lightning_xcam.metrics._common import (
     Clean,
     Result,
-    check_positive_int,
     check_sample_ids,
     clean_pass,
     finish,
@@ -50,7 +49,7 @@ def _causal_auc(
     return_valid: bool,
 ) -> Result:
     """One engine for both RISE curves; ``insertion`` swaps the start and finish images."""
-    check_positive_int(steps, "steps")
+    check_int(steps, "steps")
     check_max_batch(max_batch)
     with explanation_context(model):
         clean = clean_pass(model, x, maps, targets)
@@ -245,7 +244,7 @@ def infidelity(
         >>> [v.shape for v in infidelity(net, x, [a, b], n_perturb=5)]  # one perturbation set, two values
         [torch.Size([2]), torch.Size([2])]
     """
-    check_positive_int(n_perturb, "n_perturb")
+    check_int(n_perturb, "n_perturb")
     check_max_batch(max_batch)
     if perturb_fn is not None and not callable(perturb_fn):
         raise TypeError(

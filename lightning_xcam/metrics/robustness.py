@@ -8,9 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lightning_xcam._checks import Targets, check_images, resolve_targets
+from lightning_xcam._checks import Targets, check_images, check_int, resolve_targets
 from lightning_xcam.methods._guard import model_device, explanation_context, fresh_input
-from lightning_xcam.metrics._common import Result, check_positive_int, check_sample_ids, finish, item_noise
+from lightning_xcam.metrics._common import Result, check_sample_ids, finish, item_noise
 from lightning_xcam.metrics._perturb import check_max_batch
 
 __all__ = ["max_sensitivity"]
@@ -126,7 +126,7 @@ def max_sensitivity(
         raise TypeError(
             f"`perturb_fn` must be callable (inputs, radius) -> perturbed inputs, got {type(perturb_fn).__name__}."
         )
-    check_positive_int(n_samples, "n_samples")
+    check_int(n_samples, "n_samples")
     check_max_batch(max_batch)
     if isinstance(radius, bool) or not isinstance(radius, (int, float)) or radius < 0:
         raise ValueError(f"`radius` must be a non-negative number, got {radius!r}.")

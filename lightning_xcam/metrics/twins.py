@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_xcam._checks import check_int
 from lightning_xcam.metrics.complexity import entropy, sparseness
 from lightning_xcam.metrics.faithfulness import (
     average_drop,
@@ -83,9 +84,8 @@ class ExplanationMetric(Metric):
         accepted = set(inspect.signature(type(self).function).parameters) - {"return_valid"}
         metric_options = {k: v for k, v in options.items() if k not in accepted}
         super().__init__(**metric_options)
-        bad_type = isinstance(num_classes, bool) or not isinstance(num_classes, int)
-        if num_classes is not None and (bad_type or num_classes < 1):
-            raise ValueError(f"`num_classes` must be None or a positive int, got {num_classes!r}.")
+        if num_classes is not None:
+            check_int(num_classes, "num_classes", why=" or None")
         self.num_classes = num_classes
         self.options = {k: v for k, v in options.items() if k in accepted}
         buckets = num_classes or 1
