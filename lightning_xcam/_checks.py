@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_images", "check_maps", "check_int", "targets_tensor", "resolve_targets", "Targets"]
+__all__ = ["check_images", "check_maps", "check_int", "grid_batch", "targets_tensor", "resolve_targets", "Targets"]
 
 Targets = Tensor | int | None
 
@@ -43,6 +43,39 @@ def check_int(value: object, name: str, minimum: int = 1, maximum: int | None = 
         raise TypeError(f"`{name}` must be an int {span}{why}, got {type(value).__name__} {value!r:.40}.")
     if value < minimum or (maximum is not None and value > maximum):
         raise ValueError(f"`{name}` must be an int {span}{why}, got {value}.")
+    return value
+
+
+def grid_batch(value: object, name: str, batch: int | None = None, axes: str = "h, w") -> Tensor:
+    """``value`` as a ``[B, h, w]`` tensor, a ``[B, 1, h, w]`` one without its channel axis: the shape check of
+    every batch of maps and masks.
+
+    Args:
+        value: The argument.
+        name: Its name, for the message.
+        batch: The required ``B``, or ``None`` for any.
+        axes: The names of the two grid axes in the message (``"H, W"`` for input-resolution masks).
+
+    Returns:
+        The 3-D tensor (a view of ``value``).
+
+    Raises:
+        TypeError: If ``value`` is not a tensor.
+        ValueError: On any other shape.
+
+    Example:
+        >>> grid_batch(torch.zeros(2, 1, 4, 4), "maps").shape
+        torch.Size([2, 4, 4])
+    """
+    size = "B" if batch is None else str(batch)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of shape [{size}, {axes}], got {type(value).__name__}.")
+    if value.ndim == 4 and value.shape[1] == 1:
+        value = value[:, 0]
+    if value.ndim != 3 or (batch is not None and value.shape[0] != batch):
+        raise ValueError(
+            f"`{name}` must have shape [{size}, {axes}] (or [{size}, 1, {axes}]), got shape {tuple(value.shape)}."
+        )
     return value
 
 
@@ -103,12 +136,7 @@ def check_maps(maps: object, x: Tensor, name: str = "maps", nonnegative: bool = 
         TypeError: If ``maps`` is not a tensor.
         ValueError: On a wrong rank, a batch-size mismatch, non-finite values or negative values.
     """
-    if not isinstance(maps, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor of shape [B, h, w], got {type(maps).__name__}.")
-    if maps.ndim == 4 and maps.shape[1] == 1:
-        maps = maps[:, 0]
-    if maps.ndim != 3:
-        raise ValueError(f"`{name}` must have shape [B, h, w] (or [B, 1, h, w]), got shape {tuple(maps.shape)}.")
+    maps = grid_batch(maps, name)
     if maps.shape[0] != x.shape[0]:
         raise ValueError(
             f"`{name}` has batch size {maps.shape[0]} but the images have {x.shape[0]}; pass one map per image."

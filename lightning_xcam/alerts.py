@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_xcam._checks import Targets, check_images, check_int, resolve_targets
+from lightning_xcam._checks import Targets, check_images, check_int, grid_batch, resolve_targets
 from lightning_xcam.maps import degenerate, pool, unit_mass, upsample
 from lightning_xcam.methods._guard import model_device, explanation_context, fresh_input
 from lightning_xcam.metrics._perturb import Substrate, check_max_batch, chunked_scores, clean_logits, make_substrate
@@ -143,12 +143,9 @@ class Alert:
 
 
 def _as_maps(maps: object, name: str = "maps") -> Tensor:
-    if not isinstance(maps, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor of shape [B, h, w], got {type(maps).__name__}.")
-    if maps.ndim == 4 and maps.shape[1] == 1:
-        maps = maps[:, 0]
-    if maps.ndim != 3 or maps.shape[0] == 0:
-        raise ValueError(f"`{name}` must have shape [B, h, w] with B >= 1 (or [B, 1, h, w]), got {tuple(maps.shape)}.")
+    maps = grid_batch(maps, name)
+    if maps.shape[0] == 0:
+        raise ValueError(f"`{name}` holds no map (shape {tuple(maps.shape)}); pass at least one.")
     if maps.is_complex() or maps.dtype == torch.bool:
         raise TypeError(f"`{name}` must hold real numbers, got dtype {maps.dtype}.")
     return maps.detach().float()
@@ -156,13 +153,7 @@ def _as_maps(maps: object, name: str = "maps") -> Tensor:
 
 def _as_masks(masks: object, batch: int, name: str = "masks") -> Tensor:
     """Masks as float32 ``[B, H, W]`` weights in [0, 1] (bool or 0/1 masks; soft masks allowed)."""
-    if not isinstance(masks, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor of shape [B, H, W], got {type(masks).__name__}.")
-    if masks.ndim == 4 and masks.shape[1] == 1:
-        masks = masks[:, 0]
-    if masks.ndim != 3 or masks.shape[0] != batch:
-        raise ValueError(f"`{name}` must have shape [{batch}, H, W] (one mask per map), got {tuple(masks.shape)}.")
-    masks = masks.detach().float()
+    masks = grid_batch(masks, name, batch, "H, W").detach().float()
     if not bool(torch.isfinite(masks).all()) or bool(((masks < 0) | (masks > 1)).any()):
         raise ValueError(f"`{name}` must be boolean or hold weights in [0, 1].")
     return masks
@@ -840,10 +831,7 @@ def _check_regions(x: Tensor, region_masks: object, n_random: object, max_batch:
     """Validate the shared arguments of :func:`region_reliance` and :func:`region_sufficiency`."""
     check_images(x)
     batch, _, height, width = x.shape
-    if not isinstance(region_masks, Tensor):
-        raise TypeError(f"`region_masks` must be a BoolTensor [B, H, W], got {type(region_masks).__name__}.")
-    if region_masks.ndim == 4 and region_masks.shape[1] == 1:
-        region_masks = region_masks[:, 0]
+    region_masks = grid_batch(region_masks, "region_masks", batch, "H, W")
     if region_masks.shape != (batch, height, width):
         raise ValueError(
             f"`region_masks` must have shape [{batch}, {height}, {width}] (the images' batch and size), "

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_xcam._checks import check_int
+from lightning_xcam._checks import check_int, grid_batch
 from lightning_xcam.maps import degenerate, pool, unit_mass, zero_degenerate
 
 __all__ = [
@@ -90,10 +90,7 @@ def drift_maps(maps: Tensor, size: int = 16) -> Tensor:
         >>> drift_maps(torch.rand(2, 7, 7)).shape
         torch.Size([2, 16, 16])
     """
-    if not isinstance(maps, Tensor):
-        raise TypeError(f"`maps` must be a torch.Tensor of shape [B, h, w], got {type(maps).__name__}.")
-    if maps.ndim != 3:
-        raise ValueError(f"`maps` must have shape [B, h, w], got shape {tuple(maps.shape)}.")
+    maps = grid_batch(maps, "maps")
     check_int(size, "size")
     maps = maps.detach()
     if not maps.is_floating_point():

@@ -23,7 +23,7 @@ import zlib
 import torch
 from torch import Tensor
 
-from lightning_xcam._checks import check_images, check_int, check_maps
+from lightning_xcam._checks import check_images, check_int, check_maps, grid_batch
 from lightning_xcam.maps import display_normalize, unit_mass, upsample
 
 #: The fixed colour scale of the monitor's heatmaps (TensorBoard, report, alert evidence): a cell at this
@@ -72,12 +72,7 @@ def colormap(values: Tensor, name: str = "turbo") -> Tensor:
         >>> colormap(torch.tensor([[[0.0, 1.0]]]), "viridis")[0, :, 0, 1]
         tensor([0.9932, 0.9062, 0.1439])
     """
-    if not isinstance(values, Tensor):
-        raise TypeError(f"`values` must be a torch.Tensor of shape [B, H, W], got {type(values).__name__}.")
-    if values.ndim == 4 and values.shape[1] == 1:
-        values = values[:, 0]
-    if values.ndim != 3:
-        raise ValueError(f"`values` must have shape [B, H, W], got shape {tuple(values.shape)}.")
+    values = grid_batch(values, "values", axes="H, W")
     if name not in _ANCHORS:
         raise ValueError(f"`name` must be one of {COLORMAPS}, got {name!r}.")
     lut = torch.tensor(_ANCHORS[name], dtype=torch.float32, device=values.device)  # [n, 3]

@@ -52,6 +52,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_xcam._checks import grid_batch
+
 __all__ = ["ExplanationStore", "StoreFormatError", "find_store", "find_stores", "DEFAULT_FILENAME", "SCHEMA_VERSION"]
 
 DEFAULT_FILENAME = "xcam.sqlite"
@@ -601,15 +603,7 @@ class ExplanationStore:
         ]
         map_rows = []
         for method, batch in _nested(maps, "`maps`").items():
-            if not isinstance(batch, Tensor):
-                raise TypeError(f"maps[{method!r}] must be a Tensor [B, h, w], got {type(batch).__name__}.")
-            if batch.ndim == 4 and batch.shape[1] == 1:
-                batch = batch[:, 0]
-            if batch.ndim != 3 or batch.shape[0] != len(ids):
-                raise ValueError(
-                    f"maps[{method!r}] must have shape [B, h, w] with B = len(sample_ids) = {len(ids)}, "
-                    f"got {tuple(batch.shape)}."
-                )
+            batch = grid_batch(batch, f"maps[{method!r}] (one map per sample id)", len(ids))
             for s, m in zip(ids, batch):
                 map_rows.append((run, epoch, method, s, *_encode_map(m, f"maps[{method!r}] for sample {s}")))
         alert_rows = self._alert_rows(epoch, alerts)

@@ -241,7 +241,7 @@ def test_argument_errors(tmp_path: Path) -> None:
             store.write_evaluation(0, range(B), alerts=[Alert(1, "border", 0.6, 0.5, None, (), "")])
         with pytest.raises(ValueError, match="repeats kind 'border'"):
             store.write_evaluation(0, range(B), alerts=[{"kind": "border", "score": 1.0}] * 2)
-        with pytest.raises(ValueError, match="shape \\[B, h, w\\] with B = len\\(sample_ids\\) = 4"):
+        with pytest.raises(ValueError, match=r"one map per sample id\)` must have shape \[4, h, w\]"):
             store.write_evaluation(0, range(B), maps={"gad": torch.rand(3, 4, 4)})
         with pytest.raises(ValueError, match="`epoch` must be >= 0"):
             store.write_evaluation(-1, range(B))

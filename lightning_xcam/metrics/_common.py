@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_xcam._checks import Targets, check_images, check_maps, resolve_targets
+from lightning_xcam._checks import Targets, check_images, check_maps, grid_batch, resolve_targets
 from lightning_xcam.maps import upsample
 from lightning_xcam.methods._guard import model_device, fresh_input
 from lightning_xcam.metrics._perturb import clean_logits
@@ -65,12 +65,7 @@ def check_masks(masks: object, maps: Tensor, name: str = "masks") -> Tensor:
         TypeError: If ``masks`` is not a tensor.
         ValueError: On a wrong rank, a batch-size mismatch or values other than 0 and 1.
     """
-    if not isinstance(masks, Tensor):
-        raise TypeError(f"`{name}` must be a boolean torch.Tensor of shape [B, H, W], got {type(masks).__name__}.")
-    if masks.ndim == 4 and masks.shape[1] == 1:
-        masks = masks[:, 0]
-    if masks.ndim != 3:
-        raise ValueError(f"`{name}` must have shape [B, H, W] (or [B, 1, H, W]), got shape {tuple(masks.shape)}.")
+    masks = grid_batch(masks, name, axes="H, W")
     if masks.shape[0] != maps.shape[0]:
         raise ValueError(
             f"`{name}` has batch size {masks.shape[0]} but the maps have {maps.shape[0]}; pass one mask per map."
