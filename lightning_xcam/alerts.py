@@ -212,6 +212,9 @@ def spurious_mass(maps: Tensor, masks: Tensor) -> Tensor:
     Returns:
         ``[B]`` float32 in ``[0, 1]``; 0 for degenerate maps.
 
+    Raises:
+        TypeError / ValueError: On maps or masks of the wrong type or shape, or masks outside ``[0, 1]``.
+
     Example:
         >>> spurious_mass(torch.tensor([[[1.0, 3.0]]]), torch.tensor([[[False, True]]]))
         tensor([0.7500])
@@ -230,6 +233,9 @@ def area_ratio(maps: Tensor, masks: Tensor) -> Tensor:
 
     Returns:
         ``[B]`` float32 ``≥ 0``; 0 for degenerate maps and for empty masks.
+
+    Raises:
+        TypeError / ValueError: As :func:`spurious_mass`.
 
     Example:
         >>> area_ratio(torch.tensor([[[1.0, 3.0]]]), torch.tensor([[[False, True]]]))
@@ -251,6 +257,9 @@ def a50(maps: Tensor) -> Tensor:
 
     Returns:
         ``[B]`` float32 in ``(0, 1]``; 1 for degenerate maps (nothing concentrated).
+
+    Raises:
+        TypeError / ValueError: On maps that are not a real ``[B, h, w]`` tensor with ``B >= 1``.
 
     Example:
         >>> a50(torch.tensor([[[1.0, 1.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]]))
@@ -305,10 +314,7 @@ def concentration(maps: Tensor, groups: Tensor) -> Concentration:
         tensor([1.])
     """
     maps = _as_maps(maps)
-    if not isinstance(groups, Tensor) or groups.is_floating_point() or groups.dtype == torch.bool:
-        raise TypeError(f"`groups` must be an integer tensor of shape [{maps.shape[0]}], got {groups!r:.60}.")
-    if groups.shape != (maps.shape[0],):
-        raise ValueError(f"`groups` must have shape [{maps.shape[0]}] (one id per map), got {tuple(groups.shape)}.")
+    groups = _int_vector(groups, maps.shape[0], "groups")
     valid = ~degenerate(maps)
     mass = unit_mass(pool(torch.where(valid.view(-1, 1, 1), maps, torch.zeros_like(maps)), _FOCUS_GRID)).flatten(1)
     ids, inverse = torch.unique(groups.to(maps.device), return_inverse=True)
@@ -357,6 +363,10 @@ def kmeans(
 
     Returns:
         ``LongTensor [n]`` cluster index per point.
+
+    Raises:
+        TypeError: If ``points`` is not a floating ``[n, d]`` tensor, or ``k`` not an int.
+        ValueError: If ``k`` is outside ``[1, n]``.
 
     Example:
         >>> kmeans(torch.tensor([[0.0], [0.1], [5.0], [5.1]]), 2).unique(return_counts=True)[1].tolist()
@@ -669,6 +679,9 @@ def top_region(maps: Tensor, fraction: float = 0.05, size: tuple[int, int] | Non
 
     Returns:
         ``BoolTensor [B, H, W]``.
+
+    Raises:
+        TypeError / ValueError: On bad maps, a ``fraction`` outside ``(0, 1]`` or a bad ``size``.
 
     Example:
         >>> top_region(torch.tensor([[[0.0, 2.0], [1.0, 1.0]]]), fraction=0.5)
@@ -1448,11 +1461,15 @@ def observe(
         One :class:`Observation` per signal and group.
 
     Raises:
+        TypeError: On maps, targets or ids of the wrong type.
         ValueError: On maps, targets or ids that do not match the probe.
 
     Example:
-        >>> rule = WarningRule()
-        >>> alerts = rule.update(epoch, observe(model, x, maps, targets, ids))  # doctest: +SKIP
+        >>> net = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+        >>> observations = observe(net, torch.randn(8, 1, 8, 8), torch.rand(8, 4, 4), torch.tensor([0, 1] * 4),
+        ...                        torch.arange(8))
+        >>> sorted({o.kind for o in observations}), WarningRule().update(0, observations)  # no rise yet: no alert
+        (['border', 'intervention'], [])
     """
     maps = _as_maps(maps)
     count = x.shape[0]

@@ -135,7 +135,8 @@ class ExplanationMonitor(Callback):
         batch_size: Most inputs per forward pass inside the monitor (memory budget).
         spurious_masks: Optional ``[P, H, W]`` masks of a suspected shortcut region for the probe items
             (also read from probe items ``(x, y, mask)``).
-        alert_patience: Consecutive evaluations a shortcut signal must rise before an alert.
+        alert_patience: Consecutive evaluations a shortcut signal must rise (tiny-region reliance: be
+            confirmed) before an alert.
         max_overhead: Largest share of training wall time the metrics may bring the monitor to (``0.02``
             = 2 %); ``None`` computes every metric at every evaluation (see *Cost budget*).
 

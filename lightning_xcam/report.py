@@ -458,23 +458,9 @@ def _heat_images(maps: Tensor, cmap: str) -> list[str]:
     return [_data_uri(rgb) for rgb in colormap(scale_maps(concentration, DISPLAY_CONCENTRATION), cmap)]
 
 
-def _map_samples(store: ExplanationStore, run: str, method: str, epoch: int) -> tuple[list[int] | None, Tensor]:
-    """The stored maps of ``(method, epoch)`` with their sample ids when the store's rows identify them.
-
-    ``ExplanationStore.maps`` returns maps in ascending sample order without the ids; the ids are those
-    of the metric and drift rows at that epoch when exactly those samples have maps. Otherwise the ids
-    are unknown (``None``) and the maps are shown by position.
-    """
-    maps = store.maps(method, epoch, run=run)
-    rows = store.metrics(method=method, epoch=epoch, run=run) + store.drift(method=method, epoch=epoch, run=run)
-    ids = sorted({r["sample"] for r in rows})
-    if len(ids) != maps.shape[0]:
-        return None, maps
-    try:
-        store.maps(method, epoch, run=run, samples=ids)
-    except KeyError:
-        return None, maps
-    return ids, maps
+def _map_samples(store: ExplanationStore, run: str, method: str, epoch: int) -> tuple[list[int], Tensor]:
+    """The stored maps of ``(method, epoch)`` and their sample ids, ascending (``KeyError`` if none)."""
+    return store.map_samples(method, epoch, run=run), store.maps(method, epoch, run=run)
 
 
 def _maps_section(report: RunReport, store: ExplanationStore, cmap: str) -> tuple[str, _Loaded]:

@@ -317,6 +317,10 @@ def _json(value: Any) -> str:
 class ExplanationStore:
     """Open (or create) an explanation history file and read or write one run's evaluations.
 
+    The read methods (:meth:`metrics`, :meth:`drift`, :meth:`summaries`, :meth:`alerts`, ...) return plain
+    rows and take optional filters named after their columns (``method``, ``metric``, ``reference``,
+    ``tag``, ``kind``, ``epoch``, ``sample``): ``None`` matches any value; ``run=None`` reads this store's run.
+
     Args:
         path: The SQLite file, or a directory (then ``<path>/xcam.sqlite``; see :func:`store_file`). Parent
             directories are created.
@@ -342,8 +346,8 @@ class ExplanationStore:
         >>> with ExplanationStore(tmp_path / "xcam.sqlite", run="demo") as store:  # doctest: +SKIP
         ...     store.write_config({"num_probe": 2})
         ...     store.write_evaluation(0, [0, 1], metrics={"gradcam": {"deletion_auc": torch.tensor([0.2, 0.3])}})
-        ...     store.metrics(metric="deletion_auc")[0]["value"]
-        0.2
+        ...     [row["sample"] for row in store.metrics(metric="deletion_auc")]
+        [0, 1]
     """
 
     def __init__(self, path: str | Path, run: str = "default", *, create: bool = True, timeout: float = 30.0) -> None:
@@ -759,6 +763,17 @@ class ExplanationStore:
             r["class_index"] = None if r["class_index"] == _NO_CLASS else r["class_index"]
             r["sample_indices"] = json.loads(r["sample_indices"])
         return rows
+
+    def map_samples(self, method: str, epoch: int, run: str | None = None) -> list[int]:
+        """The sample ids with a stored map of ``(method, epoch)``, ascending: the rows of :meth:`maps`.
+
+        Raises:
+            KeyError: If nothing is stored for ``(method, epoch)``.
+        """
+        rows = self._select("maps", "sample", "sample", run, method=method, epoch=epoch)
+        if not rows:
+            raise KeyError(f"no maps for method {method!r} at epoch {epoch}.")
+        return [r["sample"] for r in rows]
 
     def maps(
         self, method: str, epoch: int, run: str | None = None, samples: Sequence[int] | Tensor | None = None

@@ -99,6 +99,9 @@ def test_round_trip_of_every_table(tmp_path: Path) -> None:
         assert maps.dtype == torch.float32 and maps.shape == (B, 16, 16)
         assert torch.equal(maps, ev["maps"]["expected_gradcam"].half().float())
         assert torch.equal(store.maps("gad", 2, samples=[13, 10]), ev["maps"]["gad"][[3, 0], 0].half().float())
+        assert store.map_samples("gad", 2) == [10, 11, 12, 13]  # the rows of store.maps("gad", 2)
+        with pytest.raises(KeyError, match="no maps for method 'gad' at epoch 5"):
+            store.map_samples("gad", 5)
 
         alerts = store.alerts()
         assert [Alert.from_dict(a) for a in alerts if a["kind"] == "border"] == [ev["alerts"][0]]
