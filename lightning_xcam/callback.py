@@ -674,39 +674,20 @@ class ExplanationMonitor(Callback):
     def _drift(
         self, maps_by_method: dict[str, Tensor], floors: dict[str, tuple[Tensor, Tensor]], ids: Tensor
     ) -> tuple[dict[str, float], dict[str, Any], dict[str, Tensor]]:
-        """Drift of every method against the previous and the first evaluation, raw and in floor units."""
+        """Every method's drift (:func:`~lightning_xcam.drift.evaluation_drift`): scalars, store rows, small maps."""
         summaries: dict[str, float] = {}
         rows: dict[str, Any] = {}
         small: dict[str, Tensor] = {}
         for method, maps in maps_by_method.items():
-            current = drift_stats.drift_maps(maps.cpu())
-            small[method] = current
-            rows[method] = {}
-            floor = None
-            if method in floors:
-                replicate, flag = floors[method]
-                stats = drift_stats.drift_statistics(current[flag], drift_stats.drift_maps(replicate[flag]))
-                floor_ids = ids[flag].tolist()
-                rows[method]["floor"] = {k: dict(zip(floor_ids, v.tolist())) for k, v in stats.items()}
-                if bool(stats["valid"].any()):  # no valid pair: no floor (its 1e-6 stand-in would inflate the units)
-                    floor = drift_stats.noise_floor(stats["spearman"], stats["valid"])
-                    summaries[f"xcam/{method}/noise_floor"] = floor
-            for reference, earlier in (("previous", self._previous.get(method)), ("first", self._first.get(method))):
-                if earlier is None or earlier.shape != current.shape:
-                    continue
-                stats = drift_stats.drift_statistics(earlier, current)
-                rows[method][reference] = stats
-                if not bool(stats["valid"].any()):
-                    continue  # every pair degenerate: no drift to report (never a misleading 0)
-                for stat in ("spearman", "js"):
-                    summary = drift_stats.summarize(stats[stat], stats["valid"])
-                    summaries[f"xcam/{method}/drift_{stat}" + ("" if reference == "previous" else "_first")] = summary["median"]
-                if floor is not None:
-                    units = drift_stats.in_floor_units(stats["spearman"], floor)
-                    key = "drift_floor_units" + ("" if reference == "previous" else "_first")
-                    summaries[f"xcam/{method}/{key}"] = drift_stats.summarize(units, stats["valid"])["median"]
-            self._previous[method] = current
-            self._first.setdefault(method, current)
+            replicate = floors.get(method)
+            result = drift_stats.evaluation_drift(
+                maps.cpu(), self._previous.get(method), self._first.get(method),
+                None if replicate is None else (replicate[0].cpu(), replicate[1].cpu()), ids,
+            )
+            summaries.update({f"xcam/{method}/{name}": value for name, value in result.scalars.items()})
+            rows[method], small[method] = result.rows, result.maps
+            self._previous[method] = result.maps
+            self._first.setdefault(method, result.maps)
         return summaries, rows, small
 
     def _check_shortcuts(

@@ -19,6 +19,8 @@ Nothing here knows about Lightning: tensors in, tensors out, batched on the inpu
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,8 @@ __all__ = [
     "noise_floor",
     "in_floor_units",
     "summarize",
+    "EvaluationDrift",
+    "evaluation_drift",
 ]
 
 #: Names of the statistics returned by :func:`drift_statistics` (all distances; 0 = identical maps).
@@ -519,3 +523,82 @@ def summarize(d: Tensor, valid: Tensor | None = None) -> dict[str, float]:
         return {"median": 0.0, "p90": 0.0, "n_valid": 0.0}
     q = torch.quantile(d, torch.tensor([0.5, 0.9], dtype=d.dtype, device=d.device))
     return {"median": float(q[0]), "p90": float(q[1]), "n_valid": float(d.numel())}
+
+
+@dataclass
+class EvaluationDrift:
+    """One method's drift at one evaluation (see :func:`evaluation_drift`).
+
+    Attributes:
+        maps: ``[B, 16, 16]`` drift maps of this evaluation: the ``previous`` (and, the first time, ``first``)
+            of the next one, and what the store keeps.
+        scalars: Medians over valid items: ``noise_floor``; ``drift_spearman``, ``drift_js`` and, with a floor,
+            ``drift_floor_units`` against the previous evaluation; the same with ``_first`` against the first.
+            A comparison without a valid pair (or a floor without one) gives no scalar, never a made-up 0.
+        rows: Per-item statistics by reference: ``"previous"`` and ``"first"`` hold :func:`drift_statistics`;
+            ``"floor"`` maps each statistic to ``{sample id: value}`` for the replicate rows.
+    """
+
+    maps: Tensor
+    scalars: dict[str, float]
+    rows: dict[str, Any]
+
+
+def evaluation_drift(
+    maps: Tensor,
+    previous: Tensor | None = None,
+    first: Tensor | None = None,
+    replicate: tuple[Tensor, Tensor] | None = None,
+    sample_ids: Tensor | None = None,
+) -> EvaluationDrift:
+    """Drift of one evaluation's maps against the previous and the first one, raw and in floor units (§5.2–5.3).
+
+    Args:
+        maps: ``[B, h, w]`` raw maps of this evaluation.
+        previous: ``[B, 16, 16]`` drift maps of the previous evaluation, or ``None``; earlier maps of another
+            shape (another probe) are not compared.
+        first: The same for the first evaluation.
+        replicate: ``(maps, rows)``: the noise-floor replicate maps ``[B, h, w]`` (stream 1) and
+            ``BoolTensor [B]`` of the rows that have one; ``None`` for deterministic explainers.
+        sample_ids: ``[B]`` probe ids, the keys of ``rows["floor"]`` (``arange(B)`` when ``None``).
+
+    Returns:
+        An :class:`EvaluationDrift`.
+
+    Raises:
+        TypeError / ValueError: On maps that are not ``[B, h, w]`` tensors.
+
+    Example:
+        >>> current = torch.rand(3, 7, 7, generator=torch.Generator().manual_seed(0))
+        >>> result = evaluation_drift(current, previous=drift_maps(current), first=drift_maps(current))
+        >>> result.scalars["drift_spearman"], sorted(result.rows)
+        (0.0, ['first', 'previous'])
+    """
+    current = drift_maps(maps)
+    ids = torch.arange(current.shape[0]) if sample_ids is None else sample_ids.cpu()
+    scalars: dict[str, float] = {}
+    rows: dict[str, Any] = {}
+    floor = None
+    if replicate is not None:
+        replicate_maps, flag = replicate
+        flag = flag.to(current.device)
+        stats = drift_statistics(current[flag], drift_maps(replicate_maps)[flag])
+        floor_ids = ids[flag.cpu()].tolist()
+        rows["floor"] = {name: dict(zip(floor_ids, values.tolist())) for name, values in stats.items()}
+        if bool(stats["valid"].any()):  # no valid pair: no floor (its 1e-6 stand-in would inflate the units)
+            floor = noise_floor(stats["spearman"], stats["valid"])
+            scalars["noise_floor"] = floor
+    for reference, earlier in (("previous", previous), ("first", first)):
+        if earlier is None or earlier.shape != current.shape:
+            continue
+        stats = drift_statistics(earlier.to(current.device), current)
+        rows[reference] = stats
+        if not bool(stats["valid"].any()):
+            continue  # every pair degenerate: no drift to report
+        suffix = "" if reference == "previous" else "_first"
+        for name in ("spearman", "js"):
+            scalars[f"drift_{name}{suffix}"] = summarize(stats[name], stats["valid"])["median"]
+        if floor is not None:
+            units = in_floor_units(stats["spearman"], floor)
+            scalars[f"drift_floor_units{suffix}"] = summarize(units, stats["valid"])["median"]
+    return EvaluationDrift(current, scalars, rows)

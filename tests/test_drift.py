@@ -16,6 +16,7 @@ from lightning_xcam.drift import (
     cosine_distance,
     drift_maps,
     drift_statistics,
+    evaluation_drift,
     in_floor_units,
     jensen_shannon,
     noise_floor,
@@ -227,3 +228,29 @@ def test_ssim_of_constant_maps_from_a_one_cell_layer_is_zero_not_infinite() -> N
     base = torch.full((8, 16, 16), 3.0)
     jitter = torch.randint(0, 2, base.shape) * torch.finfo(torch.float32).eps * 6.0
     assert torch.equal(ssim_distance(base + jitter, base), torch.zeros(8))
+
+
+def test_evaluation_drift_reports_medians_in_floor_units_and_skips_what_cannot_be_compared() -> None:
+    gen = torch.Generator().manual_seed(7)
+    before, now, again = (torch.rand(4, 8, 8, generator=gen) for _ in range(3))
+    now[3] = 0.0  # a degenerate map: left out of every median
+    previous, first = drift_maps(before), drift_maps(torch.rand(4, 8, 8, generator=gen))
+    rows = torch.tensor([True, True, False, True])
+    result = evaluation_drift(now, previous, first, (again, rows), torch.tensor([10, 11, 12, 13]))
+
+    current = drift_maps(now)
+    assert torch.equal(result.maps, current)
+    floor_stats = drift_statistics(current[:2], drift_maps(again)[:2])  # row 3's pair is degenerate
+    floor = noise_floor(floor_stats["spearman"])
+    d = spearman_distance(previous[:3], current[:3])
+    assert result.scalars["noise_floor"] == pytest.approx(floor)
+    assert result.scalars["drift_spearman"] == pytest.approx(float(d.median()))  # 3 items: the middle one
+    assert result.scalars["drift_floor_units"] == pytest.approx(float(d.median()) / floor)
+    assert {"drift_js", "drift_spearman_first", "drift_js_first", "drift_floor_units_first"} < set(result.scalars)
+    assert set(result.rows["floor"]["spearman"]) == {10, 11, 13}
+    assert torch.equal(result.rows["previous"]["spearman"], spearman_distance(previous, current))
+
+    # another probe (shape) is not compared; a deterministic explainer has no floor; all degenerate: no scalar
+    assert evaluation_drift(now, previous[:2], None).scalars == {}
+    assert evaluation_drift(torch.zeros(4, 8, 8), previous).scalars == {}
+    assert "previous" in evaluation_drift(torch.zeros(4, 8, 8), previous).rows  # the rows still say "invalid"
