@@ -270,7 +270,7 @@ class ExplanationMonitor(Callback):
         """Fresh per-run state: each ``fit`` is a run (a resumed one gets its state back from the checkpoint)."""
         self.history: list[dict[str, Any]] = []
         self.alerts: list[Alert] = []
-        self.shortcuts = WarningRule(patience=self.alert_patience)
+        self._warning_rule = WarningRule(patience=self.alert_patience)
         self.budget.reset()  # the same object: a clock given to it (benchmarks/overhead.py) stays
         self.run_id: str | None = None
         self._checkpoint_store: str | None = None  # the store a resumed fit's checkpoint was written with
@@ -403,7 +403,7 @@ class ExplanationMonitor(Callback):
             "store": None if self._store is None else str(self._store.path.resolve()),
             "history": self.history,
             "alerts": [a.to_dict() for a in self.alerts],
-            "shortcuts": self.shortcuts.state_dict(),
+            "shortcuts": self._warning_rule.state_dict(),
             "first_maps": {k: v.cpu() for k, v in self._first.items()},
             "previous_maps": {k: v.cpu() for k, v in self._previous.items()},
             "last_run_epoch": self._last_run_epoch,
@@ -417,7 +417,7 @@ class ExplanationMonitor(Callback):
         self._checkpoint_store = state_dict.get("store")  # absent in checkpoints written before it was kept
         self.history = list(state_dict["history"])
         self.alerts = [Alert.from_dict(a) for a in state_dict["alerts"]]
-        self.shortcuts.load_state_dict(state_dict["shortcuts"])
+        self._warning_rule.load_state_dict(state_dict["shortcuts"])
         self._first = dict(state_dict["first_maps"])
         self._previous = dict(state_dict["previous_maps"])
         self._last_run_epoch = state_dict["last_run_epoch"]
@@ -504,22 +504,22 @@ class ExplanationMonitor(Callback):
         explanation_pass = time.perf_counter() - explaining
         stochastic = [m for m in self.methods if m not in DETERMINISTIC_METHODS]
         replicates = {}
-        if stochastic and data.floor:
+        if stochastic and data.floor_rows:
             # the noise-floor replicate: the first items of every shard again, on random stream 1
-            rows = slice(0, data.floor)
+            rows = slice(0, data.floor_rows)
             replicates = self._explain({m: explainers[m] for m in stochastic}, data.x[rows], data.targets[rows],
                                        data.ids[rows], stream=1)
         rank_zero_info(f"xcam: explained in {time.perf_counter() - started:.1f} s")
-        scores = self._plan_scores(trainer, evaluation, minimal, data.x.shape[0] * seconds_per_forward,
-                                   explanation_pass)
-        values_by_method = self._scores(scores, explainers, pl_module, data, all_maps, minimal)
+        planned_metrics = self._plan_scores(trainer, evaluation, minimal, data.x.shape[0] * seconds_per_forward,
+                                              explanation_pass)
+        values_by_method = self._scores(planned_metrics, explainers, pl_module, data, all_maps, minimal)
         scored = time.perf_counter()
         for method in self.methods:
             maps, values = all_maps[method], values_by_method[method]
             if method in replicates:
                 replicate = torch.zeros_like(maps)
-                replicate[: data.floor] = replicates[method]
-                flag = torch.arange(maps.shape[0], device=maps.device) < data.floor
+                replicate[: data.floor_rows] = replicates[method]
+                flag = torch.arange(maps.shape[0], device=maps.device) < data.floor_rows
                 values = {**values, "floor_maps": replicate, "floor_flag": flag.float()}
             gathered = data.gather(trainer, {"maps": maps, **values})
             maps_by_method[method] = gathered.pop("maps")
@@ -709,7 +709,7 @@ class ExplanationMonitor(Callback):
             masks=None if self._data.masks is None else self._data.masks[:total],
             generator=torch.Generator(device=pl_module.device).manual_seed(self.seed), max_batch=self.batch_size,
         )
-        alerts = self.shortcuts.update(epoch, observations)
+        alerts = self._warning_rule.update(epoch, observations)
         for alert in alerts:
             rank_zero_warn(f"ExplanationMonitor: {alert.message}", category=UserWarning)
         self.alerts.extend(alerts)
@@ -830,9 +830,9 @@ class ExplanationMonitor(Callback):
 class _Shard:
     """This rank's slice of the probe, on the model's device, plus what gathering needs."""
 
-    def __init__(self, x: Tensor, targets: Tensor, ids: Tensor, total: int, per_rank: int, floor: int) -> None:
+    def __init__(self, x: Tensor, targets: Tensor, ids: Tensor, total: int, per_rank: int, floor_rows: int) -> None:
         self.x, self.targets, self.ids = x, targets, ids
-        self.total, self.per_rank, self.floor = total, per_rank, floor
+        self.total, self.per_rank, self.floor_rows = total, per_rank, floor_rows
 
     def gather(self, trainer: pl.Trainer, values: dict[str, Tensor]) -> dict[str, Tensor]:
         """All ranks' per-sample values in probe order (D1: pad, all_gather, trim), on CPU."""
@@ -851,9 +851,9 @@ class _ProbeData:
     """The fixed probe, reference bank and GAD fit set, on CPU, drawn once with the monitor's generator."""
 
     def __init__(self, x: Tensor, targets: Tensor, ids: Tensor, masks: Tensor | None, references: Tensor,
-                 fit: Tensor, floor: int) -> None:
+                 fit: Tensor, floor_rows: int) -> None:
         self.x, self.targets, self.ids, self.masks = x, targets, ids, masks
-        self.references, self.fit, self.floor = references, fit, floor
+        self.references, self.fit, self.floor_rows = references, fit, floor_rows
 
     @classmethod
     def draw(cls, monitor: ExplanationMonitor, trainer: pl.Trainer) -> _ProbeData:
@@ -953,8 +953,8 @@ class _ProbeData:
         per = math.ceil(total / world)
         rows = slice(min(rank * per, total), min((rank + 1) * per, total))
         x = trainer.precision_plugin.convert_input(self.x[rows]).to(pl_module.device)
-        floor = min(math.ceil(self.floor / world), x.shape[0])
-        return _Shard(x, self.targets[rows].to(pl_module.device), self.ids[rows], total, per, floor)
+        floor_rows = min(math.ceil(self.floor_rows / world), x.shape[0])
+        return _Shard(x, self.targets[rows].to(pl_module.device), self.ids[rows], total, per, floor_rows)
 
 
 def _length(dataset: Any, source: str) -> int:

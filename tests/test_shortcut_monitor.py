@@ -157,7 +157,7 @@ def test_alerts_of_one_kind_for_two_classes_keep_both_texts_and_evidence(tmp_pat
     monitor = ExplanationMonitor(target_layer="features", log_images=0, store=False)
     x, y = load_digits_tensors(SIZE)
     ids = torch.arange(8)
-    monitor._data = _ProbeData(x[:8], y[:8], ids, None, x[8:12], x[12:16], floor=0)
+    monitor._data = _ProbeData(x[:8], y[:8], ids, None, x[8:12], x[12:16], floor_rows=0)
     maps = torch.rand(8, 4, 4)
     alerts = [
         Alert(3, "intervention", 4.0, 2.5, class_index, (2 * class_index, 2 * class_index + 1), f"class {class_index} relies")
