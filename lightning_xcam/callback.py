@@ -989,15 +989,17 @@ def _image_batch(batch: Any, shape: torch.Size) -> Tensor | None:
 
 
 def _scale_difference(probe: Tensor, images: Tensor) -> str | None:
-    """How the probe's pixel scale differs from a training batch's, or ``None`` if it is alike (a spread or
-    a centre off by more than 4 batch standard deviations, as 0–255 pixels against standardised ones)."""
+    """How the probe's pixel scale differs from a training batch's, or ``None`` if it is alike: a spread 3
+    times larger or smaller, or a centre off by more than 3 batch standard deviations (0–255 or [0, 1]
+    pixels against standardised ones). A batch of constant pixels gives no comparison."""
     with torch.no_grad():
         batch = images.detach().float()
         probe = probe.to(batch.device)
         spread, centre = float(batch.std()), float(batch.mean())
         probe_spread, probe_centre = float(probe.std()), float(probe.mean())
-    scale = max(spread, 1e-6)
-    if probe_spread > 4 * scale or probe_spread < scale / 4 or abs(probe_centre - centre) > 4 * scale:
+    if not spread > 0:
+        return None
+    if probe_spread > 3 * spread or probe_spread < spread / 3 or abs(probe_centre - centre) > 3 * spread:
         return (f"probe mean {probe_centre:.3g}, std {probe_spread:.3g}; first training batch mean {centre:.3g}, "
                 f"std {spread:.3g}")
     return None
