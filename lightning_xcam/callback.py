@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 from typing_extensions import override
 
 from lightning_xcam import drift as drift_stats
@@ -40,7 +40,7 @@ from lightning_xcam.methods._guard import explanation_context, fresh_input, requ
 from lightning_xcam.methods.cam import ExpectedGradCAM, GradCAM, IntegratedGradCAM, _LayerProbe
 from lightning_xcam.methods.layers import resolve_layer
 from lightning_xcam.render import DISPLAY_CONCENTRATION, explanation_panel, relative_mass, stack_rows
-from lightning_xcam.store import ExplanationStore, store_file
+from lightning_xcam.store import DEFAULT_FILENAME, ExplanationStore, StoreFormatError, store_file
 from lightning_xcam.tensorboard import DETERMINISTIC_METHODS, write_layout
 
 log = logging.getLogger(__name__)
@@ -274,6 +274,8 @@ class ExplanationMonitor(Callback):
         self.budget.reset()  # the same object: a clock given to it (benchmarks/overhead.py) stays
         self.run_id: str | None = None
         self._checkpoint_store: str | None = None  # the store a resumed fit's checkpoint was written with
+        self._store_file: str | None = None  # this run's store, kept after closing for a checkpoint taken later
+        self._restored = False  # state came back from a checkpoint
         self.stopped_epoch = -1
         self.layer_name: str | None = None
         self._data: _ProbeData | None = None
@@ -351,7 +353,7 @@ class ExplanationMonitor(Callback):
                              shortcuts=self._shortcut_method)
         self.budget.resume_training()
         missed = trainer.current_epoch - 1
-        if trainer.ckpt_path is not None and missed > self._last_run_epoch and (missed + 1) % self.every_n_epochs == 0:
+        if self._restored and missed > self._last_run_epoch and (missed + 1) % self.every_n_epochs == 0:
             # a checkpoint saved on an epoch's last batch resumes at the next epoch, and Lightning runs no end-of-
             # epoch hook for the one it saved in: its weights are that epoch's final ones, so evaluate it now
             rank_zero_info(f"xcam: evaluating epoch {missed}, whose end the resumed checkpoint skips")
@@ -400,7 +402,7 @@ class ExplanationMonitor(Callback):
         return {
             "version": _STATE_VERSION,
             "run_id": self.run_id,
-            "store": None if self._store is None else str(self._store.path.resolve()),
+            "store": self._store_file,
             "history": self.history,
             "alerts": [a.to_dict() for a in self.alerts],
             "shortcuts": self._warning_rule.state_dict(),
@@ -414,7 +416,8 @@ class ExplanationMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.run_id = state_dict["run_id"]
-        self._checkpoint_store = state_dict.get("store")  # absent in checkpoints written before it was kept
+        self._checkpoint_store = state_dict.get("store")
+        self._restored = True
         self.history = list(state_dict["history"])
         self.alerts = [Alert.from_dict(a) for a in state_dict["alerts"]]
         self._warning_rule.load_state_dict(state_dict["shortcuts"])
@@ -781,14 +784,40 @@ class ExplanationMonitor(Callback):
     def _resolve_store_path(self, trainer: pl.Trainer) -> Path:
         if isinstance(self.store_path, (str, Path)):
             return store_file(self.store_path)
-        default = store_file(trainer.log_dir or trainer.default_root_dir)  # every rank asks: a collective
-        if self._checkpoint_store is not None and Path(self._checkpoint_store).exists():
-            # a logger that starts a new version on resume would otherwise split the run's history in two
-            return Path(self._checkpoint_store)
-        return default
+        return Path(trainer.log_dir or trainer.default_root_dir) / DEFAULT_FILENAME  # every rank asks: a collective
+
+    def _continued_store(self, default: Path, start: int) -> Path:
+        """The default store, or the one the resumed checkpoint was written with when that is another file
+        (a logger that starts a new version on resume) holding nothing of the run from ``start`` on, so that
+        the history goes on in one file. Evaluations there from ``start`` on belong to another fit from the
+        same checkpoint (or a rewind): they are kept, and this fit writes the default store."""
+        old = self._checkpoint_store
+        if old is None or not Path(old).is_file() or Path(old).resolve() == default.resolve():
+            return default
+        try:
+            with ExplanationStore(old, run=str(self.run_id), create=False) as store:
+                later = [epoch for epoch in store.epochs() if epoch >= start]
+        except (StoreFormatError, OSError, sqlite3.Error):
+            return default
+        if later:
+            rank_zero_warn(
+                f"ExplanationMonitor: the store '{old}' of the checkpoint this fit resumes from holds evaluations "
+                f"of epochs {later} of run {self.run_id!r}, after the checkpoint (another fit went on from it); "
+                f"they are kept, and this fit writes '{default}'.",
+                category=UserWarning,
+            )
+            return default
+        return Path(old)
 
     def _open_store(self, trainer: pl.Trainer, path: Path) -> None:
         """Open the store on rank 0 and clear the run's evaluations this fit is about to redo."""
+        # a resumed fit redoes what came after its checkpoint's last evaluation (rows of a run abandoned by a
+        # resume from an earlier checkpoint, or written after the checkpoint and before a crash); a fresh fit
+        # redoes everything from its first epoch
+        resumed = trainer.ckpt_path is not None
+        start = self._last_run_epoch + 1 if resumed and self.history else trainer.current_epoch
+        if self.store_path is None and resumed:
+            path = self._continued_store(path, start)
         self._refuse_a_shared_store_run(trainer, path)
         try:
             self._store = ExplanationStore(path, run=str(self.run_id))
@@ -796,11 +825,7 @@ class ExplanationMonitor(Callback):
             raise MisconfigurationException(
                 f"ExplanationMonitor cannot write its store: {err} Or pass store=False to keep no store."
             ) from err
-        # a resumed fit redoes what came after its checkpoint's last evaluation (rows of a run abandoned by a
-        # resume from an earlier checkpoint, or written after the checkpoint and before a crash); a fresh fit
-        # redoes everything from its first epoch
-        resumed = trainer.ckpt_path is not None
-        start = self._last_run_epoch + 1 if resumed and self.history else trainer.current_epoch
+        self._store_file = str(self._store.path.resolve())
         dropped = self._store.discard_from(start)
         if dropped:
             why = ("they come after the evaluations of the checkpoint this fit resumes from, and are redone" if resumed
@@ -868,9 +893,9 @@ class _ProbeData:
                 indices = list(range(n))
             else:
                 validation = _dataset(_validation_loaders(trainer))
-                if validation is not None and not hasattr(validation, "__len__"):
-                    rank_zero_info("xcam: the validation dataset has no length (an IterableDataset): the probe is "
-                                   "drawn from the training dataset")
+                if isinstance(validation, IterableDataset):
+                    rank_zero_info("xcam: the validation dataset is an IterableDataset (no items by index): the probe "
+                                   "is drawn from the training dataset")
                     validation = None
                 probe_set = validation or train
                 if probe_set is None:
@@ -989,7 +1014,7 @@ def _image_batch(batch: Any, shape: torch.Size) -> Tensor | None:
 
 
 def _scale_difference(probe: Tensor, images: Tensor) -> str | None:
-    """How the probe's pixel scale differs from a training batch's, or ``None`` if it is alike: a spread 3
+    """How the probe's pixel scale differs from a training batch's, or ``None`` if it is alike: a spread 2.5
     times larger or smaller, or a centre off by more than 3 batch standard deviations (0–255 or [0, 1]
     pixels against standardised ones). A batch of constant pixels gives no comparison."""
     with torch.no_grad():
@@ -999,7 +1024,7 @@ def _scale_difference(probe: Tensor, images: Tensor) -> str | None:
         probe_spread, probe_centre = float(probe.std()), float(probe.mean())
     if not spread > 0:
         return None
-    if probe_spread > 3 * spread or probe_spread < spread / 3 or abs(probe_centre - centre) > 3 * spread:
+    if probe_spread > 2.5 * spread or probe_spread < spread / 2.5 or abs(probe_centre - centre) > 3 * spread:
         return (f"probe mean {probe_centre:.3g}, std {probe_spread:.3g}; first training batch mean {centre:.3g}, "
                 f"std {spread:.3g}")
     return None

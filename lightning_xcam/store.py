@@ -110,8 +110,9 @@ class StoreFormatError(ValueError):
 
 
 def store_file(path: str | os.PathLike[str]) -> Path:
-    """The store file a ``path`` names: ``~`` expanded; a directory, or a path written with a trailing
-    separator (a directory still to be created), holds ``xcam.sqlite``.
+    """The store file a ``path`` names: ``~`` expanded; a directory, or a str written with a trailing
+    separator (a directory still to be created), holds ``xcam.sqlite``. A ``Path`` has no trailing
+    separator: name a directory still to be created as a str, or the file itself.
 
     Example:
         >>> store_file("runs/exp1/").as_posix(), store_file("runs/a.sqlite").as_posix()

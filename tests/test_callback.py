@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -150,27 +150,37 @@ def test_resume_continues_history_and_store_once_per_epoch(tmp_path: Path) -> No
         assert len(rows) == 4 * 6 and len({(r["epoch"], r["sample"]) for r in rows}) == 4 * 6
 
 
-def test_resume_keeps_the_default_store_and_drops_what_comes_after_the_checkpoint(tmp_path: Path) -> None:
-    # a logger without a pinned version starts version_1 on resume: the default store must not split in two
-    def fit(max_epochs: int, ckpt_path: Path | None = None) -> ExplanationMonitor:
+def test_resume_continues_the_default_store_and_a_fork_keeps_the_original(tmp_path: Path) -> None:
+    # a logger without a pinned version starts version_1 on resume: the default store must not split in two,
+    # and a fit that goes on from an older checkpoint of a finished run must not delete that run's later rows
+    def fit(max_epochs: int, ckpt_path: Path | None = None, version: int | None = None) -> ExplanationMonitor:
         monitor = ExplanationMonitor(target_layer="net.features", **{**FAST, "metrics": ()})
         checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{epoch}", save_top_k=-1)
         _trainer(tmp_path, [monitor, checkpoints], max_epochs=max_epochs, enable_checkpointing=True,
-                 logger=TensorBoardLogger(tmp_path, name="")).fit(DigitsModule(), datamodule=DigitsData(),
-                                                                  ckpt_path=ckpt_path)
+                 logger=TensorBoardLogger(tmp_path, name="", version=version)).fit(
+            DigitsModule(), datamodule=DigitsData(), ckpt_path=ckpt_path)
         return monitor
 
+    def epochs(version: int) -> list[int]:
+        with ExplanationStore(tmp_path / f"version_{version}" / "xcam.sqlite", create=False) as db:
+            return db.epochs()
+
     pl.seed_everything(3)
-    fit(3)
-    store = tmp_path / "version_0" / "xcam.sqlite"
-    # rewinding to epoch 0 abandons the stored epochs 1 and 2 of the first fit; the resumed fit redoes epoch 1 only
+    fit(2)  # version_0, evaluations 0 and 1, checkpoints epoch=0 and epoch=1
+    resumed = fit(3, tmp_path / "ckpt" / "epoch=1.ckpt")  # version_1 for the logger, the store goes on
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2] and epochs(0) == [0, 1, 2]
+    assert (tmp_path / "version_1").is_dir() and not (tmp_path / "version_1" / "xcam.sqlite").exists()
+
+    with pytest.warns(UserWarning, match=r"holds evaluations of epochs \[1, 2\].*they are kept"):
+        fork = fit(2, tmp_path / "ckpt" / "epoch=0.ckpt")  # another fit from epoch 0: version_2
+    assert [h["epoch"] for h in fork.history] == [0, 1]
+    assert epochs(0) == [0, 1, 2] and epochs(2) == [1]
+
+    # a pinned logger version is the same run: a rewind there deletes what it redoes
+    fit(3, version=7)
     with pytest.warns(UserWarning, match=r"deleted the evaluations of epochs \[1, 2\] of run 'default'"):
-        resumed = fit(2, tmp_path / "ckpt" / "epoch=0.ckpt")
-    assert [h["epoch"] for h in resumed.history] == [0, 1]
-    assert not (tmp_path / "version_1" / "xcam.sqlite").exists() and (tmp_path / "version_1").is_dir()
-    with ExplanationStore(store, create=False) as db:
-        assert db.epochs() == [0, 1]
-        assert [h["step"] for h in resumed.history] == [r["step"] for r in db.evaluations()]
+        fit(2, tmp_path / "ckpt" / "epoch=0.ckpt", version=7)
+    assert epochs(7) == [0, 1]
 
 
 class _Crash(Exception):
@@ -208,6 +218,39 @@ def test_an_epoch_whose_end_a_last_batch_checkpoint_skips_is_evaluated_on_resume
     whole = fit(3)  # the same run without the crash: the same evaluations at the same steps
     assert [(h["epoch"], h["step"]) for h in resumed.history] == [(h["epoch"], h["step"]) for h in whole.history]
     assert len(whole.history) == 3
+
+
+def test_the_default_store_goes_into_a_root_dir_that_does_not_exist_yet(tmp_path: Path) -> None:
+    monitor = ExplanationMonitor(target_layer="net.features", **{**FAST, "metrics": ()})
+    _trainer(tmp_path, [monitor], max_epochs=1, logger=False, default_root_dir=tmp_path / "new").fit(
+        DigitsModule(), datamodule=DigitsData())
+    assert (tmp_path / "new" / "xcam.sqlite").is_file()
+
+
+def test_a_checkpoint_taken_on_an_exception_still_names_the_store(tmp_path: Path) -> None:
+    # the monitor closes its store in on_exception, before Lightning's checkpoint callbacks run
+    def fit(crash: bool, ckpt_path: Path | None = None) -> ExplanationMonitor:
+        monitor = ExplanationMonitor(target_layer="net.features", **{**FAST, "metrics": ()})
+        if crash:
+            evaluate = monitor._run_evaluation
+
+            def crashing(trainer: pl.Trainer, pl_module: pl.LightningModule, in_train_hook: bool, epoch: int) -> None:
+                if epoch == 1:
+                    raise _Crash
+                evaluate(trainer, pl_module, in_train_hook, epoch)
+
+            monitor._run_evaluation = crashing
+        _trainer(tmp_path, [monitor, OnExceptionCheckpoint(tmp_path / "ckpt")], max_epochs=2, enable_checkpointing=True,
+                 logger=TensorBoardLogger(tmp_path, name="")).fit(DigitsModule(), datamodule=DigitsData(),
+                                                                  ckpt_path=ckpt_path)
+        return monitor
+
+    with pytest.raises(_Crash):
+        fit(crash=True)
+    resumed = fit(crash=False, ckpt_path=tmp_path / "ckpt" / "on_exception.ckpt")
+    assert [h["epoch"] for h in resumed.history] == [0, 1]
+    with ExplanationStore(tmp_path / "version_0" / "xcam.sqlite", create=False) as db:
+        assert db.epochs() == [0, 1]  # not a second store in version_1
 
 
 @pytest.mark.slow
@@ -417,40 +460,46 @@ def test_a_compiled_model_is_explained_eagerly(tmp_path: Path, inner: bool) -> N
 
 
 class _NormalisedOnTransfer(DigitsClassifier):
-    """Keeps uint8 images in its datasets and standardises them in `on_after_batch_transfer`."""
+    """Keeps raw pixels (0-255 or [0, 1]) in its datasets and standardises them in `on_after_batch_transfer`."""
 
-    def __init__(self) -> None:
+    def __init__(self, mean: float, std: float) -> None:
         super().__init__(width=8)
+        self.mean, self.std = mean, std
 
     def on_after_batch_transfer(self, batch: tuple, dataloader_idx: int) -> tuple:
         x, y = batch
-        return (x.float() / 255 - 0.5) / 0.25, y
+        return (x.float() - self.mean) / self.std, y
 
 
-@pytest.mark.parametrize("hook", [False, True], ids=["model-ready-items", "normalised-in-a-transfer-hook"])
-def test_probe_images_unlike_the_training_batches_are_named(tmp_path: Path, hook: bool) -> None:
+@pytest.mark.parametrize("pixels", [None, 255, 1], ids=["model-ready-items", "0-255-items", "unit-interval-items"])
+def test_probe_images_unlike_the_training_batches_are_named(tmp_path: Path, pixels: int | None) -> None:
     x, y = load_digits_tensors(16)
-    if hook:  # the monitor reads dataset items: it sees 0-255 pixels where training batches are standardised
-        x = ((x - x.min()) / (x.max() - x.min()) * 255).round().to(torch.uint8)
+    module = DigitsModule()
+    if pixels is not None:  # the monitor reads dataset items: raw pixels where training batches are standardised
+        x = (x - x.min()) / (x.max() - x.min()) * pixels
+        x = x.round().to(torch.uint8) if pixels == 255 else x
+        module = _NormalisedOnTransfer(float(x.float().mean()), float(x.float().std()))
     loaders = [DataLoader(TensorDataset(x[a:b], y[a:b]), batch_size=32) for a, b in ((0, 96), (1500, 1532))]
     monitor = ExplanationMonitor(target_layer="net.features", store=False, **{**FAST, "metrics": ()})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _trainer(tmp_path, [monitor], max_epochs=1, logger=False).fit(
-            _NormalisedOnTransfer() if hook else DigitsModule(), *loaders)
+        _trainer(tmp_path, [monitor], max_epochs=1, logger=False).fit(module, *loaders)
     unlike = [str(w.message) for w in caught if "look unlike the training batches" in str(w.message)]
-    assert len(unlike) == (1 if hook else 0)
-    if hook:
-        assert re.search(r"probe mean \d\d\.\d, std \d\d\.\d; first training batch mean -?0\.", unlike[0])
+    assert len(unlike) == (0 if pixels is None else 1)
+    if pixels is not None:
+        assert re.search(r"probe mean [\d.]+, std [\d.]+; first training batch mean -?[\d.]+(e-\d+)?, std [\d.]+\)", unlike[0])
         assert "normalise them in the dataset" in unlike[0]
 
 
 class _Digits(torch.utils.data.IterableDataset):
-    """Validation digits as a stream: no length, so no probe can be drawn from it by index."""
+    """Validation digits as a stream (with a length, as some streams have): no item can be drawn by index."""
 
     def __iter__(self):
         x, y = load_digits_tensors(16)
         yield from zip(x[1500:1532], y[1500:1532])
+
+    def __len__(self) -> int:
+        return 32
 
 
 def test_an_unsized_validation_set_leaves_the_probe_to_the_training_set(tmp_path: Path) -> None:

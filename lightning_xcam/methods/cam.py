@@ -377,6 +377,7 @@ class IntegratedGradCAM(_CAM):
         batch_size: Most path points per forward pass; results do not depend on it.
 
     Raises:
+        TypeError: On a non-int ``steps``.
         ValueError: On ``steps < 1`` or an unknown ``mode``.
 
     Example:
@@ -472,6 +473,7 @@ class ExpectedGradCAM(_CAM):
             variance at equal ``N``; or ``"midpoint"`` (deterministic ``β_n = (n + ½)/N``, for verification).
 
     Raises:
+        TypeError: On a non-int ``n_samples`` or ``seed``.
         ValueError: On an empty or mis-shaped bank, ``n_samples < 1``, ``noise_std < 0`` or unknown options.
 
     Example:

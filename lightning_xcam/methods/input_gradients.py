@@ -158,6 +158,7 @@ class InputGradients:
         batch_size: Most input points per forward pass (integrated gradients); results do not depend on it.
 
     Raises:
+        TypeError: On a non-int ``steps`` or ``batch_size``.
         ValueError: On an unknown method or ``steps < 1``.
 
     Example:
