@@ -3,7 +3,11 @@
 Run ``python benchmarks/shortcuts.py`` (full: 153 runs, 5 minutes on the idle 2-core machine, 15 on shared cores) or
 ``--quick`` (15 runs, under a minute); ``--select TEXT`` (repeatable) keeps only the runs whose label
 contains one of the texts, e.g. ``--select "digits-4 random 5px" --select "digits-4 untagged"``, to iterate
-on a few runs (the tables then describe that subset only). Every run trains :class:`~lightning_xcam.demos.SmallCNN` (width 8,
+on a few runs (the tables then describe that subset only). ``--record DIR`` also saves every input the
+monitor gives :func:`~lightning_xcam.alerts.observe` (weights, probe, maps; about 0.6 MB a run);
+``--replay DIR`` then rebuilds the table from those files without training, running the current
+``observe`` and :class:`~lightning_xcam.alerts.WarningRule` on them: training does not depend on the
+monitor, so a change to the checks or the rule is measured on the same 153 runs in under two minutes. Every run trains :class:`~lightning_xcam.demos.SmallCNN` (width 8,
 Adam 3e-3, batch 16) with the real :class:`~lightning_xcam.ExplanationMonitor` inside ``Trainer.fit`` (Expected Grad-CAM, 48 probe items
 drawn from the validation set, one evaluation per epoch, default :class:`~lightning_xcam.alerts.WarningRule`
 and :func:`~lightning_xcam.alerts.observe` settings: the product as shipped, no per-task tuning; an alert is
@@ -34,6 +38,8 @@ reached the threshold), and the alert kinds that fired.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import inspect
 import itertools
 import logging
@@ -42,7 +48,9 @@ import os
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -50,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_xcam.callback
 from lightning_xcam import ExplanationMonitor
 from lightning_xcam.alerts import WarningRule, observe
 from lightning_xcam.demos import SmallCNN, add_decoy_tags, load_digits_tensors, load_lfw_tensors
@@ -92,6 +101,7 @@ class Outcome:
     accuracy: list[float]
     alerts: list[tuple[int, str, int | None]] = field(default_factory=list)
     seconds: float = 0.0
+    recorded_alerts: list[tuple[int, str, int | None]] | None = None  # a replay's: what the recorded fit raised
 
 
 class Classifier(pl.LightningModule):
@@ -147,10 +157,42 @@ def _task_data(task: str) -> tuple[Tensor, Tensor, int, int]:
     return x[keep], y[keep], 4, 400
 
 
-def _execute(run: Run) -> Outcome:
+@contextlib.contextmanager
+def _recording(evaluations: list[dict]) -> Iterator[None]:
+    """Append the inputs of every :func:`observe` call the monitor makes to ``evaluations``."""
+    shipped = lightning_xcam.callback.observe
+
+    def spy(model: pl.LightningModule, x: Tensor, maps: Tensor, targets: Tensor, sample_ids: Tensor,
+            **options: object) -> list:
+        kept = ("replicate", "replicate_rows", "masks", "max_batch")
+        evaluations.append({
+            "epoch": model.current_epoch,
+            "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "inputs": {"x": x.cpu(), "maps": maps.cpu(), "targets": targets.cpu(), "sample_ids": sample_ids.cpu(),
+                       **{k: v.cpu() if isinstance(v, Tensor) else v for k, v in options.items() if k in kept}},
+        })
+        return shipped(model, x, maps, targets, sample_ids, **options)
+
+    lightning_xcam.callback.observe = spy
+    try:
+        yield
+    finally:
+        lightning_xcam.callback.observe = shipped
+
+
+def _recording_path(folder: Path, run: Run) -> Path:
+    return folder / f"{run.label().replace(' ', '_')}.pt"
+
+
+def _quiet_worker() -> None:
+    """Worker processes: one thread each (the pool runs one per core), no warnings or Lightning chatter."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def _execute(run: Run, record: Path | None = None) -> Outcome:
+    """Train one run with the monitor and the ground truth; with ``record``, save what the monitor observed."""
     started = time.perf_counter()
     x, y, classes, n_train = _task_data(run.task)
     gen = torch.Generator().manual_seed(run.seed)
@@ -176,9 +218,36 @@ def _execute(run: Run) -> Outcome:
     monitor = ExplanationMonitor(seed=run.seed, **MONITOR)
     trainer = pl.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[truth, monitor])
-    trainer.fit(Classifier(classes), train, val)
+    evaluations: list[dict] = []
+    with _recording(evaluations) if record else contextlib.nullcontext():
+        trainer.fit(Classifier(classes), train, val)
     alerts = [(a.epoch, a.kind, a.class_index) for a in monitor.alerts]
-    return Outcome(run, truth.gaps, truth.accuracy, alerts, time.perf_counter() - started)
+    outcome = Outcome(run, truth.gaps, truth.accuracy, alerts, time.perf_counter() - started)
+    if record:
+        torch.save({"run": asdict(run), "seed": monitor.seed, "classes": classes, "gaps": outcome.gaps,
+                    "accuracy": outcome.accuracy, "alerts": alerts, "evaluations": evaluations},
+                   _recording_path(record, run))
+    return outcome
+
+
+def _replay(path: Path) -> Outcome:
+    """The outcome of a recorded run with the current :func:`observe` and the shipped :class:`WarningRule`.
+
+    The monitor seeds each evaluation's checks with ``torch.Generator().manual_seed(seed)`` (CPU here); the
+    replay does the same, so unchanged code gives the recorded alerts exactly.
+    """
+    started = time.perf_counter()
+    saved = torch.load(path, weights_only=True)
+    model = Classifier(saved["classes"])
+    rule = WarningRule()
+    alerts = []
+    for evaluation in saved["evaluations"]:
+        model.load_state_dict(evaluation["state"])
+        observations = observe(model, **evaluation["inputs"], generator=torch.Generator().manual_seed(saved["seed"]))
+        alerts += [(a.epoch, a.kind, a.class_index) for a in rule.update(evaluation["epoch"], observations)]
+    run = Run(**saved["run"])
+    recorded = [tuple(alert) for alert in saved["alerts"]]
+    return Outcome(run, saved["gaps"], saved["accuracy"], alerts, time.perf_counter() - started, recorded)
 
 
 def _plan(quick: bool) -> list[Run]:
@@ -260,15 +329,32 @@ def main() -> None:
     parser.add_argument("--runs", action="store_true", help="also print one line per run")
     parser.add_argument("--select", action="append", default=[], metavar="TEXT",
                         help="keep only runs whose label (as printed by --runs) contains TEXT; repeatable")
+    sources = parser.add_mutually_exclusive_group()
+    sources.add_argument("--record", type=Path, metavar="DIR",
+                         help="also save every observe() input of every run into DIR (one file per run)")
+    sources.add_argument("--replay", type=Path, metavar="DIR",
+                         help="no training: rerun observe() and WarningRule on the runs recorded in DIR")
     args = parser.parse_args()
     plan = _select(_plan(args.quick), args.select)
+    if args.replay:
+        missing = [run.label() for run in plan if not _recording_path(args.replay, run).exists()]
+        if missing:
+            raise SystemExit(f"--replay {args.replay}: no recording of {len(missing)} planned runs (e.g. "
+                             f"{missing[0]!r}); record them first with --record {args.replay} (and the same "
+                             "--quick/--select).")
+    elif args.record:
+        args.record.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     started = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-        outcomes = pool.map(_execute, plan, chunksize=1)
+    with multiprocessing.get_context("spawn").Pool(args.workers, initializer=_quiet_worker) as pool:
+        if args.replay:
+            outcomes = pool.map(_replay, [_recording_path(args.replay, run) for run in plan], chunksize=1)
+        else:
+            outcomes = pool.map(functools.partial(_execute, record=args.record), plan, chunksize=1)
     header = ("| task | detection (relying runs) | false alarms (clean twins) | evaluations to first alert "
               "| alerts on partial reliance | alerts on tagged runs without reliance |\n|---|---|---|---|---|---|")
-    scope = ("quick" if args.quick else "full") + (f", subset {args.select}" if args.select else "")
+    scope = (("quick" if args.quick else "full") + (f", subset {args.select}" if args.select else "")
+             + (f", replayed from {args.replay}" if args.replay else ""))
     print(f"Shortcut benchmark ({scope}): {len(plan)} runs, {EPOCHS} evaluations each; "
           f"reliance = accuracy gap (tag = label vs scrambled) >= {RELIANCE_GAP} at the last epoch.\n")
     print(header)
@@ -276,6 +362,10 @@ def main() -> None:
         print(_summary(task, [o for o in outcomes if o.run.task == task]))
     print(_summary("**overall**", outcomes))
     print(f"\nAlert kinds (runs): {_kinds(outcomes)}")
+    if args.replay:
+        changed = [o.run.label() for o in outcomes if o.alerts != o.recorded_alerts]
+        print(f"Alerts differ from the recorded fits on {len(changed)} of {len(outcomes)} runs"
+              + (f": {', '.join(changed)}" if changed else "."))
     print(_settings())
     if args.runs:
         print("\n| run | gap per epoch | clean acc | alerts (epoch kind class) | s |\n|---|---|---|---|---|")
