@@ -7,8 +7,10 @@ on a few runs (the tables then describe that subset only). ``--record DIR`` also
 monitor gives :func:`~lightning_xcam.alerts.observe` (weights, probe, maps; about 0.6 MB a run);
 ``--replay DIR`` then rebuilds the table from those files without training, running the current
 ``observe`` and :class:`~lightning_xcam.alerts.WarningRule` on them: training does not depend on the
-monitor, so a change to the checks or the rule is measured on the same 153 runs in under two minutes. Every run trains :class:`~lightning_xcam.demos.SmallCNN` (width 8,
-Adam 3e-3, batch 16) with the real :class:`~lightning_xcam.ExplanationMonitor` inside ``Trainer.fit`` (Expected Grad-CAM, 48 probe items
+monitor, so a change to the checks or the rule is measured on the same 153 runs in under two minutes.
+
+Every run trains :class:`~lightning_xcam.demos.SmallCNN` (width 8, Adam 3e-3, batch 16) with the real
+:class:`~lightning_xcam.ExplanationMonitor` inside ``Trainer.fit`` (Expected Grad-CAM, 48 probe items
 drawn from the validation set, one evaluation per epoch, default :class:`~lightning_xcam.alerts.WarningRule`
 and :func:`~lightning_xcam.alerts.observe` settings: the product as shipped, no per-task tuning; an alert is
 confirmed by necessity (filling the top region) or sufficiency (pasting it into other-class probe images),
