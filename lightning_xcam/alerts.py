@@ -365,8 +365,9 @@ def kmeans(
         ``LongTensor [n]`` cluster index per point.
 
     Raises:
-        TypeError: If ``points`` is not a floating ``[n, d]`` tensor, or ``k`` not an int.
-        ValueError: If ``k`` is outside ``[1, n]``.
+        TypeError: If ``points`` is not a floating ``[n, d]`` tensor, or ``k``, ``n_init`` or ``max_iter``
+            not an int.
+        ValueError: If ``k`` is outside ``[1, n]``, or ``n_init`` or ``max_iter`` below 1.
 
     Example:
         >>> kmeans(torch.tensor([[0.0], [0.1], [5.0], [5.1]]), 2).unique(return_counts=True)[1].tolist()
@@ -376,6 +377,8 @@ def kmeans(
         raise TypeError("`points` must be a floating tensor of shape [n, d].")
     n = points.shape[0]
     check_int(k, "k", maximum=n, why=" (at most the number of points)")
+    check_int(n_init, "n_init")
+    check_int(max_iter, "max_iter")
     generator = generator or _default_generator(points.device)
     draw_device = generator.device
     batch = points.unsqueeze(0).expand(n_init, n, points.shape[1])
@@ -385,7 +388,9 @@ def kmeans(
         nearest = torch.cdist(batch, centres).amin(dim=2).square()
         total = nearest.sum(dim=1, keepdim=True)
         weights = torch.where(total > 0, nearest, torch.ones_like(nearest))  # all points taken: uniform
-        pick = torch.multinomial(weights.to(draw_device), 1, generator=generator).to(points.device)
+        # an MPS generator (the maps' device) cannot hold float64 weights: draw from float32 ones there
+        draw_dtype = torch.float32 if draw_device.type == "mps" else weights.dtype
+        pick = torch.multinomial(weights.to(draw_device, draw_dtype), 1, generator=generator).to(points.device)
         centres = torch.cat([centres, points[pick]], dim=1)
     assign = torch.full((n_init, n), -1, dtype=torch.long, device=points.device)
     for _ in range(max_iter):
@@ -447,7 +452,7 @@ class SpectralClusters:
         flagged: ``BoolTensor [K]``.
         reasons: Per cluster, the rules of :class:`ClusterFlagRules` that fired (``""`` if none).
         num_clusters: ``{class: number of clusters}`` for the classes clustered.
-        eigenvalues: ``{class: the smallest Laplacian eigenvalues, float64}``.
+        eigenvalues: ``{class: the smallest Laplacian eigenvalues, float64}`` (on the CPU for MPS maps).
         skipped_classes: Classes with fewer than ``min_maps`` valid maps.
         num_degenerate: Degenerate maps left out.
     """
@@ -632,9 +637,10 @@ def spectral_clusters(
             )
         )
         num_clusters[int(cls)] = present
-        eigenvalues[int(cls)] = values.to(device)
+        eigenvalues[int(cls)] = values
         offset += present
-    table = torch.cat(rows).to(device) if rows else torch.zeros(0, 8, dtype=torch.float64, device=device)
+    # the per-cluster table stays float64 on `work`; only its final (float32, long, bool) columns reach `device`
+    table = torch.cat(rows) if rows else torch.zeros(0, 8, dtype=torch.float64, device=work)
     cluster_class, size, fraction, focus, coherence, purity, silhouette, isolation = table.T
     small = (fraction < rules.small_fraction) & (purity >= rules.min_purity) & (size >= rules.min_size)
     focused = (focus >= rules.focus_min) & (purity >= rules.min_purity)
@@ -644,15 +650,15 @@ def spectral_clusters(
     reasons = [",".join(name for name, hit in hits.items() if hit[i]) for i in range(table.shape[0])]
     return SpectralClusters(
         assignments=assignments,
-        cluster_class=cluster_class.long(),
-        size=size.long(),
-        fraction=fraction.float(),
-        focus=focus.float(),
-        coherence=coherence.float(),
-        purity=purity.float(),
-        silhouette=silhouette.float(),
-        isolation=isolation.float(),
-        flagged=small | focused | mixed | isolated,
+        cluster_class=cluster_class.long().to(device),
+        size=size.long().to(device),
+        fraction=fraction.float().to(device),
+        focus=focus.float().to(device),
+        coherence=coherence.float().to(device),
+        purity=purity.float().to(device),
+        silhouette=silhouette.float().to(device),
+        isolation=isolation.float().to(device),
+        flagged=(small | focused | mixed | isolated).to(device),
         reasons=reasons,
         num_clusters=num_clusters,
         eigenvalues=eigenvalues,
@@ -1206,26 +1212,30 @@ class WarningRule:
             epoch: The evaluation's epoch (only reported; evaluations are counted by calls).
             observations: At most one :class:`Observation` per (kind, class).
 
+        A (kind, class) missing from this evaluation (a class predicted for too few probe items, a clustering
+        without enough valid maps) starts its streak and rise over: evaluations that count as consecutive
+        must each have observed the signal.
+
         Returns:
             New :class:`Alert` s, in the order of the observations.
 
         Raises:
             TypeError: If an item is not an :class:`Observation`.
-            ValueError: On two observations of the same (kind, class).
+            ValueError: On two observations of the same (kind, class). The rule's state is left untouched.
         """
-        alerts: list[Alert] = []
-        seen: set[str] = set()
+        keyed: dict[str, Observation] = {}
         for obs in observations:
             if not isinstance(obs, Observation):
                 raise TypeError(f"`observations` must hold Observation objects, got {type(obs).__name__}.")
             key = _key(obs.kind, obs.class_index)
-            if key in seen:
+            if key in keyed:
                 raise ValueError(f"two observations for {key!r} in one evaluation; pass one per (kind, class).")
-            seen.add(key)
-            alert = self._signal(epoch, key, obs)
-            if alert is not None:
-                alerts.append(alert)
-        return alerts
+            keyed[key] = obs
+        for key, series in self._series.items():
+            if key not in keyed:
+                series.streak, series.pending, series.last = 0, False, None
+        alerts = [self._signal(epoch, key, obs) for key, obs in keyed.items()]
+        return [alert for alert in alerts if alert is not None]
 
     def _signal(self, epoch: int, key: str, obs: Observation) -> Alert | None:
         series = self._series.setdefault(key, _Series(first_epoch=int(epoch), first=obs.value))
@@ -1237,12 +1247,13 @@ class WarningRule:
         threshold = self._threshold(obs.kind, series, sigma)
         necessary = self._confirms(obs.z, obs.drop_region, obs.drop_random, self.min_drop)
         sufficient = self._confirms(obs.z_transplant, obs.rise_region, obs.rise_random, self.min_rise)
-        confirmed = (obs.z is None and obs.z_transplant is None) or bool(necessary) or bool(sufficient)
+        checked = obs.z is not None or obs.z_transplant is not None
+        confirmed = not checked or bool(necessary) or bool(sufficient)
         if obs.kind == "intervention":
             # Both z are already in units of their own floor (the equal-area random controls of this evaluation),
             # so the streak counts confirmed evaluations; a reliance present from the first evaluation on (a
-            # shortcut learned within one epoch) still warns.
-            abnormal = confirmed
+            # shortcut learned within one epoch) still warns. Without a check the value is the z to judge.
+            abnormal = confirmed if checked else obs.value >= self.confirm_z
             series.streak = series.streak + 1 if abnormal else 0
         else:
             abnormal = obs.value > threshold
@@ -1326,12 +1337,16 @@ class WarningRule:
         Raises:
             ValueError: If ``state`` is not a state of this class.
         """
+        message = "`state` must come from WarningRule.state_dict() (version 1)."
         if not isinstance(state, dict) or state.get("version") != 1 or "series" not in state:
-            raise ValueError("`state` must come from WarningRule.state_dict() (version 1).")
-        self._series = {
-            key: _Series(**{**value, "floor": [float(v) for v in value["floor"]]})
-            for key, value in state["series"].items()
-        }
+            raise ValueError(message)
+        try:
+            self._series = {
+                key: _Series(**{**value, "floor": [float(v) for v in value["floor"]]})
+                for key, value in state["series"].items()
+            }
+        except (TypeError, KeyError, AttributeError) as err:
+            raise ValueError(f"{message} Its 'series' do not have the fields of this version: {err!r}.") from err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1461,8 +1476,8 @@ def observe(
         One :class:`Observation` per signal and group.
 
     Raises:
-        TypeError: On maps, targets or ids of the wrong type.
-        ValueError: On maps, targets or ids that do not match the probe.
+        TypeError: On maps, targets or ids of the wrong type, or a count that is not an int.
+        ValueError: On maps, targets or ids that do not match the probe, or a count out of range.
 
     Example:
         >>> net = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
@@ -1472,6 +1487,8 @@ def observe(
         (['border', 'intervention'], [])
     """
     maps = _as_maps(maps)
+    check_int(min_group, "min_group")
+    check_int(min_cluster_maps, "min_cluster_maps", minimum=3, why=" (each map needs neighbours to cluster)")
     count = x.shape[0]
     if maps.shape[0] != count:
         raise ValueError(f"`maps` must hold one map per probe image ({count}), got {maps.shape[0]}.")

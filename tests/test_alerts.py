@@ -253,6 +253,12 @@ def test_random_controls_keep_shape_stay_inside_and_avoid_the_region() -> None:
     masks[2] = True  # covers the image: it is its own control
     dy, dx, overlap = _random_offsets(masks, 8, torch.Generator().manual_seed(0))
     shifted = _shift_masks(masks, dy, dx)
+    for i in range(2):  # inside: the moved bounding box stays in the image (no copy wraps around it)
+        rows, cols = masks[i].any(dim=1).nonzero().flatten(), masks[i].any(dim=0).nonzero().flatten()
+        assert ((rows.min() + dy[i] >= 0) & (rows.max() + dy[i] <= 11)).all()
+        assert ((cols.min() + dx[i] >= 0) & (cols.max() + dx[i] <= 11)).all()
+        for r in range(8):  # the same shape: the control is the region moved by (dy, dx)
+            assert torch.equal(shifted[i, r].nonzero(), masks[i].nonzero() + torch.stack([dy[i, r], dx[i, r]]))
     assert torch.equal(shifted.sum(dim=(2, 3))[:2], masks[:2, None].sum(dim=(2, 3)).expand(2, 8))
     assert not (shifted[:2] & masks[:2, None]).any()
     assert overlap.tolist() == [False, False, True]
@@ -503,6 +509,11 @@ def test_rule_state_dict_round_trip_continues_identically() -> None:
     assert resumed.state_dict() == whole.state_dict()
     with pytest.raises(ValueError, match="state_dict"):
         WarningRule().load_state_dict({"series": {}})
+    damaged = json.loads(json.dumps(first.state_dict()))
+    del next(iter(damaged["series"].values()))["floor"]
+    for broken in (damaged, {"version": 1, "series": []}):
+        with pytest.raises(ValueError, match="state_dict"):
+            WarningRule().load_state_dict(broken)
 
 
 def test_alert_is_public_and_converts_to_plain_dict() -> None:
@@ -673,9 +684,10 @@ def test_rule_intervention_warns_after_patience_confirmed_levels_without_a_rise(
     flat = [obs(6.0, 0.3)] * 4  # the same high level from the first evaluation on
     assert [a.epoch for t, o in enumerate(flat) for a in rule.update(t, [o])] == [1]
     gaps = [0.3, 0.05, 0.3, 0.3]  # the gap dips under min_drop: the streak restarts
-    assert [a.epoch for t, g in enumerate(gaps) for a in WarningRule().update(t, [obs(6.0, g)])] == []
     rule = WarningRule()
     assert [a.epoch for t, g in enumerate(gaps) for a in rule.update(t, [obs(6.0, g)])] == [3]
+    rule = WarningRule()
+    assert [a.epoch for t, g in enumerate(gaps[:3]) for a in rule.update(t, [obs(6.0, g)])] == []
     low_z = WarningRule()
     assert [a for t in range(4) for a in low_z.update(t, [obs(2.0, 0.3)])] == []
 
@@ -711,3 +723,43 @@ def test_evidence_image_stacks_the_mean_map_then_the_items_in_order() -> None:
     assert evidence_image(images, maps, ids, range(7, 11), max_items=2).shape[1] == 3 * 8 + 4 * 2
     with pytest.raises(ValueError, match="sample_indices"):
         evidence_image(images, maps, ids, (1, 2))
+
+
+def test_rule_counts_only_evaluations_that_observed_the_signal_as_consecutive() -> None:
+    confirmed = Observation("intervention", 3, 6.0, drop_region=0.32, drop_random=0.02, z=6.0)
+    other = Observation("border", None, 0.1)
+    rule = WarningRule(patience=2)
+    # class 3 is missing at evaluation 1 (too few items predicted as it): evaluations 0 and 2 are not consecutive
+    got = [a.epoch for t, obs in enumerate([[confirmed, other], [other], [confirmed, other], [confirmed, other]])
+           for a in rule.update(t, obs)]
+    assert got == [3]
+
+
+def test_rule_update_that_raises_leaves_the_state_untouched() -> None:
+    rule = WarningRule()
+    rule.update(0, [Observation("border", 0, 0.1)])
+    before = rule.state_dict()
+    with pytest.raises(ValueError, match="two observations"):
+        rule.update(1, [Observation("border", 0, 0.5), Observation("border", 1, 0.2), Observation("border", 1, 0.3)])
+    with pytest.raises(TypeError, match="Observation"):
+        rule.update(1, [Observation("border", 0, 0.5), {"kind": "border"}])
+    assert rule.state_dict() == before
+
+
+def test_rule_intervention_without_a_check_judges_its_value_as_the_z() -> None:
+    rule = WarningRule(patience=2)
+    assert [a for t in range(4) for a in rule.update(t, [Observation("intervention", 3, -4.0)])] == []
+    assert [a.epoch for t in range(4) for a in rule.update(t, [Observation("intervention", 3, 3.0)])] == [1]
+
+
+def test_observe_and_kmeans_name_their_bad_counts_before_any_work() -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    args = (net, torch.randn(8, 1, 8, 8), torch.rand(8, 4, 4), torch.tensor([0, 1] * 4), torch.arange(8))
+    with pytest.raises(ValueError, match="`min_cluster_maps` must be an int >= 3"):
+        observe(*args, min_cluster_maps=2)
+    with pytest.raises(ValueError, match="`min_group` must be an int >= 1"):
+        observe(*args, min_group=0)
+    points = torch.tensor([[0.0], [0.1], [5.0], [5.1]])
+    for name in ("n_init", "max_iter"):
+        with pytest.raises(ValueError, match=f"`{name}` must be an int >= 1"):
+            kmeans(points, 2, **{name: 0})

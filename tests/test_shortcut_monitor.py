@@ -110,7 +110,7 @@ def _trainer(tmp_path: Path, callbacks: list, max_epochs: int = 3, **kwargs) -> 
 
 def _fit(tmp_path: Path, reads: str, tagged: bool, max_epochs: int = 3, **monitor_kwargs) -> ExplanationMonitor:
     monitor = ExplanationMonitor(**{**FAST, **monitor_kwargs})
-    with pytest.warns(UserWarning) if reads == "tag" else _no_alert_warning():
+    with pytest.warns(UserWarning, match="ExplanationMonitor: epoch") if reads == "tag" else _no_alert_warning():
         _trainer(tmp_path, [monitor], max_epochs).fit(TagReader(reads), datamodule=Digits(tagged))
     return monitor
 
