@@ -328,7 +328,8 @@ class ExplanationStore:
         run: The run this object writes, and reads when a read method gets ``run=None``.
         create: Create the file if missing and check at once that it can be written (a file without write
             permission is refused here, not at the first write); with ``False`` (for readers such as the
-            CLI, which add and change no row, and lay out no schema) a missing file raises
+            CLI, which add and change no row, and lay out no schema: every write raises ``PermissionError``)
+            a missing file raises
             ``FileNotFoundError``, and a store that cannot be opened for writing (a read-only file
             system: SQLite's WAL mode needs to create ``xcam.sqlite-shm``) is opened read-only instead, as
             a finished run's snapshot (``read_only`` is then ``True``; transactions left in a ``-wal``
@@ -360,7 +361,11 @@ class ExplanationStore:
         if path.exists():
             _check_sqlite_header(path)
         elif not create:
-            raise FileNotFoundError(f"No store at '{path}' (create=False).")
+            below = find_stores(path.parent) if path.name == DEFAULT_FILENAME and path.parent.is_dir() else []
+            names = [str(p.relative_to(path.parent)) for p in below]
+            raise FileNotFoundError(f"No store at '{path}' (create=False)" + (
+                f"; the directory holds {listing(names)} below it: open one of them (find_store(directory) "
+                "returns the only one)." if names else "."))
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -459,7 +464,7 @@ class ExplanationStore:
 
     def _check_meta(self, tables: set[str]) -> None:
         foreign = StoreFormatError(
-            f"'{self.path}' is an SQLite database but not an lightning_xcam store "
+            f"'{self.path}' is an SQLite database but not a lightning_xcam store "
             f"(tables: {', '.join(sorted(tables))}). Pass the xcam.sqlite written by ExplanationMonitor."
         )
         if "meta" not in tables:
@@ -481,6 +486,9 @@ class ExplanationStore:
         """One write transaction (``BEGIN IMMEDIATE`` … ``COMMIT``), rolled back on any exception."""
         if self.read_only:
             raise PermissionError(f"'{self.path}' was opened read-only (it cannot be written here); nothing was written.")
+        if not self._writer:
+            raise PermissionError(f"'{self.path}' was opened with create=False, as a reader, which adds and changes "
+                                  "nothing; open it with create=True to write. Nothing was written.")
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -510,6 +518,7 @@ class ExplanationStore:
         Raises:
             TypeError: If ``config`` is not a dict.
             ValueError: If it holds NaN or infinite numbers.
+            PermissionError: If the store was opened read-only or with ``create=False``.
         """
         if not isinstance(config, Mapping):
             raise TypeError(f"`config` must be a dict, got {type(config).__name__}.")
@@ -529,7 +538,7 @@ class ExplanationStore:
 
         Raises:
             TypeError: If ``epoch`` is not an int.
-            PermissionError: If the store was opened read-only.
+            PermissionError: If the store was opened read-only or with ``create=False``.
 
         Example:
             >>> store.discard_from(3)  # a fit resumed from its epoch-2 checkpoint  # doctest: +SKIP
@@ -580,6 +589,7 @@ class ExplanationStore:
             TypeError: On wrongly typed arguments.
             ValueError: On NaN or infinite values (the message names the entry), length mismatches,
                 duplicate ``sample_ids`` or alerts, or an alert whose ``epoch`` differs.
+            PermissionError: If the store was opened read-only or with ``create=False``.
         """
         epoch = _index(epoch, "`epoch`")
         if epoch < 0:
@@ -813,6 +823,6 @@ def _check_sqlite_header(path: Path) -> None:
         head = handle.read(len(_SQLITE_MAGIC))
     if head != _SQLITE_MAGIC:
         raise StoreFormatError(
-            f"'{path}' is not an SQLite file, so not an lightning_xcam store. "
+            f"'{path}' is not an SQLite file, so not a lightning_xcam store. "
             "Pass the xcam.sqlite written by ExplanationMonitor, or its log directory."
         )

@@ -321,7 +321,7 @@ def _blank_db(path: Path) -> None:
         (lambda p: p.mkdir(), "no xcam.sqlite under directory"),
         (lambda p: p.write_text("epoch,loss\n0,1.0\n"), "is not an SQLite file"),
         (lambda p: p.write_bytes(b""), "is an empty file"),
-        (_foreign_db, "is an SQLite database but not an lightning_xcam store (tables: users)"),
+        (_foreign_db, "is an SQLite database but not a lightning_xcam store (tables: users)"),
         (_blank_db, "is an empty SQLite database"),
     ],
     ids=["missing", "empty-dir", "text-file", "empty-file", "foreign-sqlite", "blank-sqlite"],

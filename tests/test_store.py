@@ -179,7 +179,7 @@ def test_foreign_and_missing_files_raise_clear_errors(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     before = foreign.read_bytes()
-    with pytest.raises(StoreFormatError, match="not an lightning_xcam store.*metrics"):
+    with pytest.raises(StoreFormatError, match="not a lightning_xcam store.*metrics"):
         ExplanationStore(foreign)
     assert foreign.read_bytes() == before  # not switched to WAL, not written
 
@@ -391,3 +391,26 @@ def test_a_file_without_write_permission_is_refused_at_open_not_at_the_first_wri
         ExplanationStore(tmp_path / "xcam.sqlite", run="r")
     with ExplanationStore(tmp_path / "xcam.sqlite", run="r", create=False) as store:  # a reader writes nothing
         assert [row["value"] for row in store.metrics()] == pytest.approx([0.2, 0.3])
+
+
+def test_a_reader_refuses_every_write_and_leaves_the_file_as_found(tmp_path: Path) -> None:
+    path = tmp_path / "version_0" / "xcam.sqlite"
+    with ExplanationStore(path, run="r") as store:
+        store.write_evaluation(0, [0, 1], metrics={"gradcam": {"deletion_auc": torch.tensor([0.2, 0.3])}})
+    before = path.read_bytes()
+    with ExplanationStore(path, run="r", create=False) as store:
+        for write in (lambda: store.write_config({"num_probe": 2}), lambda: store.discard_from(0),
+                      lambda: store.write_evaluation(1, [0, 1])):
+            with pytest.raises(PermissionError, match="create=False, as a reader.*create=True to write"):
+                write()
+        assert store.epochs() == [0]
+    assert path.read_bytes() == before
+
+
+def test_a_reader_given_a_log_root_names_the_stores_below_it(tmp_path: Path) -> None:
+    for version in ("version_0", "version_1"):
+        ExplanationStore(tmp_path / version / "xcam.sqlite").close()
+    with pytest.raises(FileNotFoundError, match=r"holds version_0/xcam.sqlite, version_1/xcam.sqlite below it"):
+        ExplanationStore(tmp_path, create=False)
+    with pytest.raises(FileNotFoundError, match=r"create=False\)\.$"):
+        ExplanationStore(tmp_path / "version_0" / "other.sqlite", create=False)
