@@ -93,7 +93,7 @@ def main() -> None:
     print("    TEXT:    " + (", ".join(f"xcam_alerts/{k}" for k in kinds) or "xcam_alerts/<kind>"))
     print("    IMAGES:  " + (", ".join(f"xcam_alerts/{k}/evidence" for k in kinds) or "xcam_alerts/<kind>/evidence")
           + " (mean map of the flagged digits, then each digit: image | map | overlay), xcam_images/...")
-    print(f"  store:   {log_dir / 'xcam.sqlite'} (tables evaluations, metrics, drift, maps, alerts)")
+    print(f"  store:   {log_dir / 'xcam.sqlite'} (tables evaluations, summaries, metrics, drift, maps, alerts)")
     print(f"  report:  lightning-xcam report {root}")
 
 

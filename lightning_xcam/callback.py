@@ -225,13 +225,22 @@ class ExplanationMonitor(Callback):
             raise MisconfigurationException(f"`store` must be None, a path or False, got {type(store).__name__}.")
         if probe is not None and not hasattr(probe, "__getitem__"):
             raise MisconfigurationException(f"`probe` must be a Dataset of (x, y[, mask]) items, got {type(probe).__name__}.")
+        if isinstance(probe, Mapping) or (isinstance(probe, (tuple, list)) and probe
+                                          and isinstance(probe[0], Tensor) and probe[0].ndim == 4):
+            got = (f"a dict with keys {sorted(map(str, probe))[:4]}" if isinstance(probe, Mapping) else
+                   f"a {type(probe).__name__} of whole tensors {[tuple(getattr(t, 'shape', ())) for t in probe]}")
+            raise MisconfigurationException(
+                f"`probe` must be a Dataset of (x, y[, mask]) items, got {got}; wrap the tensors: "
+                "probe=TensorDataset(images, labels[, masks])."
+            )
         if spurious_masks is not None:
             if not isinstance(spurious_masks, Tensor) or spurious_masks.ndim != 3:
                 got = tuple(spurious_masks.shape) if isinstance(spurious_masks, Tensor) else type(spurious_masks).__name__
+                hint = "" if isinstance(spurious_masks, Tensor) else " (torch.as_tensor(masks) converts an array)"
                 raise MisconfigurationException(
-                    f"`spurious_masks` must be a tensor [P, H, W] (one mask per probe item), got {got}."
+                    f"`spurious_masks` must be a tensor [P, H, W] (one mask per probe item), got {got}{hint}."
                 )
-            spurious_masks = _binary_masks(spurious_masks, "`spurious_masks`")
+            spurious_masks = _binary_masks(spurious_masks, "`spurious_masks`", from_items=False)
             if probe is None:
                 raise MisconfigurationException(
                     "`spurious_masks` needs an explicit `probe`: masks line up with probe items, and a drawn probe "
@@ -350,7 +359,7 @@ class ExplanationMonitor(Callback):
             for logger in (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)):
                 # CUSTOM SCALARS opens on the curves to read first
                 write_layout(logger.experiment, self.methods, floors=self.floor_size > 0,
-                             shortcuts=self._shortcut_method)
+                             shortcuts=self._shortcut_method, metrics=self.metrics)
         self.budget.resume_training()
         missed = trainer.current_epoch - 1
         if self._restored and missed > self._last_run_epoch and (missed + 1) % self.every_n_epochs == 0:
@@ -957,6 +966,9 @@ class _ProbeData:
                     f"`spurious_masks` must hold one [H, W] mask per probe item, i.e. shape "
                     f"{[x.shape[0], *x.shape[-2:]]}, got {list(masks.shape)}."
                 )
+        if masks is not None and not bool(masks.any()):
+            rank_zero_warn(f"ExplanationMonitor: every suspect mask of {source} is empty, so no region is tested (no "
+                           "spurious_mass signal); mark the suspect pixels True.", category=UserWarning)
         targets = torch.zeros(x.shape[0], dtype=torch.long)
         return cls(x, targets, torch.as_tensor(indices), masks, references, fit, min(monitor.floor_size, x.shape[0]))
 
@@ -1061,17 +1073,25 @@ def _stack(items: list[Any], source: str, with_masks: bool = False) -> tuple[Ten
     third = [torch.as_tensor(v) for v in columns[2]] if with_masks and len(columns) > 2 else []
     if third and all(t.squeeze().shape == x.shape[-2:] for t in third):
         return x, _binary_masks(torch.stack([t.squeeze() for t in third]), f"the masks of {source}")
+    if third and all(t.squeeze().ndim == 2 for t in third):
+        rank_zero_warn(
+            f"ExplanationMonitor: the third elements of {source}'s items are 2-D, {tuple(third[0].squeeze().shape)}, "
+            f"but the images are {tuple(x.shape[-2:])}: they are not used as suspect masks (no spurious_mass "
+            "signal). Resize masks to the images' size, e.g. F.interpolate(..., mode='nearest').",
+            category=UserWarning)
     return x, None
 
 
-def _binary_masks(masks: Tensor, name: str) -> Tensor:
+def _binary_masks(masks: Tensor, name: str, from_items: bool = True) -> Tensor:
     """``masks`` as booleans: integer masks are True where nonzero (0/255 images); a floating value other
-    than 0/1 (a soft weight, NaN) is refused, not rounded."""
+    than 0/1 (a soft weight, NaN) is refused, not rounded. ``from_items``: they are the probe items' third
+    elements (which may be something else than a mask)."""
     if masks.is_floating_point() and not bool(((masks == 0) | (masks == 1)).all()):
         raise MisconfigurationException(
             f"{name} must be boolean, integer or 0/1 (a suspect region per item), got values such as "
             f"{masks[(masks != 0) & (masks != 1)].flatten()[:3].tolist()}; threshold soft masks first, e.g. "
-            "mask > 0.5. If that item is not a mask, pass `spurious_masks=` or a dataset of (x, y) items."
+            "mask > 0.5." + (" If that item is not a mask, pass `spurious_masks=` or a dataset of (x, y) items."
+                             if from_items else "")
         )
     return masks != 0
 

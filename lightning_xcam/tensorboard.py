@@ -89,8 +89,19 @@ def _drift_chart(method: str, reference: str, floors: bool) -> layout_pb2.Chart:
     return _chart(f"{method}: drift vs {reference} evaluation, {unit}", _tag(method, name))
 
 
+_CHARTED_METRICS = ("insertion", "deletion", "infidelity")
+
+
+def _check_metrics(metrics: object) -> set[str]:
+    """``metrics`` as a set of names, or a clear error (any names: those not charted are ignored)."""
+    if isinstance(metrics, str) or not isinstance(metrics, Sequence) or not all(isinstance(m, str) for m in metrics):
+        raise TypeError(f"`metrics` must be a sequence of metric names such as ['insertion', 'deletion'], got {metrics!r}.")
+    return set(metrics)
+
+
 def custom_scalar_layout(
-    methods: Sequence[str], *, floors: bool = True, shortcuts: str | None = None
+    methods: Sequence[str], *, floors: bool = True, shortcuts: str | None = None,
+    metrics: Sequence[str] = _CHARTED_METRICS,
 ) -> layout_pb2.Layout:
     """The CUSTOM SCALARS layout for the monitor's scalars of ``methods``.
 
@@ -104,6 +115,8 @@ def custom_scalar_layout(
             one their drift is charted as ``1 − ρ``, like the deterministic methods'.
         shortcuts: The method whose maps feed the shortcut checks (one of ``methods``), or ``None`` for no
             shortcut category.
+        metrics: The metrics the monitor computes (its ``metrics``): only their charts are laid out, so no
+            chart stays empty (insertion − deletion needs both).
 
     Returns:
         A ``layout_pb2.Layout``: the category ``"xcam: at a glance"`` (the alert, then insertion − deletion
@@ -112,7 +125,8 @@ def custom_scalar_layout(
         the category ``"xcam: shortcut signals"``.
 
     Raises:
-        TypeError: If ``methods`` is a string or holds something other than strings.
+        TypeError: If ``methods`` is a string or holds something other than strings, or ``metrics`` is not
+            a sequence of names.
         ValueError: If ``methods`` is empty, holds an empty name or a name twice, or ``shortcuts`` is not
             one of them.
 
@@ -122,19 +136,20 @@ def custom_scalar_layout(
         ['xcam: at a glance', 'xcam: expected_gradcam', 'xcam: gradcam']
     """
     methods = _check_methods(methods)
+    computed = _check_metrics(metrics)
     glance = [_chart("shortcut alert: 1 = a new alert at this evaluation (details in TEXT)", f"{_ALERT_TAG}$")]
     for method in methods:
-        glance.append(_chart(f"{method}: insertion − deletion (higher = more faithful)",
-                             _tag(method, "insertion_minus_deletion")))
+        if {"insertion", "deletion"} <= computed:
+            glance.append(_chart(f"{method}: insertion − deletion (higher = more faithful)",
+                                 _tag(method, "insertion_minus_deletion")))
         glance.append(_drift_chart(method, "previous", floors))
     categories = [layout_pb2.Category(title="xcam: at a glance", chart=glance)]
+    scores = (("insertion", "insertion AUC (higher is better)", "insertion_auc"),
+              ("deletion", "deletion AUC (lower is better)", "deletion_auc"),
+              ("infidelity", "infidelity (lower is better)", "infidelity"))
     for method in methods:
-        charts = [
-            _chart(f"{method}: insertion AUC (higher is better)", _tag(method, "insertion_auc")),
-            _chart(f"{method}: deletion AUC (lower is better)", _tag(method, "deletion_auc")),
-            _chart(f"{method}: infidelity (lower is better)", _tag(method, "infidelity")),
-            _drift_chart(method, "first", floors),
-        ]
+        charts = [_chart(f"{method}: {title}", _tag(method, tag)) for metric, title, tag in scores if metric in computed]
+        charts.append(_drift_chart(method, "first", floors))
         categories.append(layout_pb2.Category(title=f"xcam: {method}", chart=charts))
     if shortcuts is not None:
         if shortcuts not in methods:
@@ -150,7 +165,10 @@ def custom_scalar_layout(
     return layout_pb2.Layout(category=categories)
 
 
-def write_layout(writer: Any, methods: Sequence[str], *, floors: bool = True, shortcuts: str | None = None) -> None:
+def write_layout(
+    writer: Any, methods: Sequence[str], *, floors: bool = True, shortcuts: str | None = None,
+    metrics: Sequence[str] = _CHARTED_METRICS,
+) -> None:
     """Write :func:`custom_scalar_layout` into a run through its ``SummaryWriter``.
 
     Goes through the writer's public ``add_custom_scalars`` (torch's and tensorboardX's ``SummaryWriter``
@@ -162,6 +180,7 @@ def write_layout(writer: Any, methods: Sequence[str], *, floors: bool = True, sh
         methods: As :func:`custom_scalar_layout`.
         floors: As :func:`custom_scalar_layout`.
         shortcuts: As :func:`custom_scalar_layout`.
+        metrics: As :func:`custom_scalar_layout`.
 
     Raises:
         TypeError: If ``writer`` has no ``add_custom_scalars`` method, or as :func:`custom_scalar_layout`.
@@ -176,7 +195,7 @@ def write_layout(writer: Any, methods: Sequence[str], *, floors: bool = True, sh
             f"`writer` must be a SummaryWriter with `add_custom_scalars` (e.g. TensorBoardLogger.experiment), "
             f"got {type(writer).__name__}."
         )
-    layout = custom_scalar_layout(methods, floors=floors, shortcuts=shortcuts)
+    layout = custom_scalar_layout(methods, floors=floors, shortcuts=shortcuts, metrics=metrics)
     # add_custom_scalars takes {category: {chart: ["Multiline", [regex, ...]]}} and rebuilds this very proto.
     writer.add_custom_scalars({
         category.title: {chart.title: ["Multiline", list(chart.multiline.tag)] for chart in category.chart}

@@ -95,7 +95,7 @@ def test_fit_logs_scalars_images_and_store_without_nan(tmp_path: Path) -> None:
     assert "xcam/time_s" in scalars and "xcam/alert" in scalars
     (layout,) = events.Tensors("custom_scalars__config__")  # CUSTOM SCALARS opens on the headline curves
     assert layout_pb2.Layout.FromString(layout.tensor_proto.string_val[0]) == custom_scalar_layout(
-        methods, shortcuts="expected_gradcam")  # the checks use the first stochastic method's maps
+        methods, shortcuts="expected_gradcam", metrics=monitor.metrics)  # checks on the first stochastic method
     for value in trainer.callback_metrics.values():
         assert torch.isfinite(value).all()
 
@@ -335,8 +335,10 @@ def test_store_survives_a_process_killed_mid_evaluation(tmp_path: Path) -> None:
         ({"noise_std": True}, "noise_std"),
         ({"target_layer": 3}, r"`target_layer` must be a module name.*got int"),
         ({"spurious_masks": torch.full((6, 16, 16), 0.4), "probe": TensorDataset(torch.zeros(6, 1, 16, 16))},
-         r"`spurious_masks` must be boolean, integer or 0/1.*\[0.4"),
-        ({"spurious_masks": [[0, 1]]}, r"spurious_masks.*\[P, H, W\]"),
+         r"`spurious_masks` must be boolean, integer or 0/1.*\[0.4.*mask > 0.5\.$"),
+        ({"spurious_masks": [[0, 1]]}, r"spurious_masks.*\[P, H, W\].*torch.as_tensor"),
+        ({"probe": (torch.zeros(6, 1, 16, 16), torch.zeros(6))}, r"tuple of whole tensors.*TensorDataset\(images"),
+        ({"probe": {"x": torch.zeros(6, 1, 16, 16)}}, r"a dict with keys \['x'\].*TensorDataset"),
         ({"spurious_masks": torch.zeros(6, 16, 16)}, "explicit `probe`"),
     ],
 )
@@ -586,6 +588,20 @@ def test_explicit_spurious_masks_replace_what_probe_items_carry() -> None:
     assert torch.equal(drawn.masks, masks)
     with pytest.raises(MisconfigurationException, match="the masks of `probe` must be boolean"):
         _ProbeData.draw(ExplanationMonitor(probe=probe, methods="gradcam"), trainer)
+
+
+def test_probe_masks_that_test_nothing_are_named() -> None:
+    trainer = SimpleNamespace(train_dataloader=None, val_dataloaders=None, world_size=1)
+    x = torch.zeros(4, 1, 16, 16)
+    small = TensorDataset(x, torch.zeros(4), torch.ones(4, 8, 8, dtype=torch.bool))
+    with pytest.warns(UserWarning, match=r"2-D, \(8, 8\), but the images are \(16, 16\): they are not used"):
+        assert _ProbeData.draw(ExplanationMonitor(probe=small, methods="gradcam"), trainer).masks is None
+    empty = TensorDataset(x, torch.zeros(4), torch.zeros(4, 16, 16, dtype=torch.bool))
+    with pytest.warns(UserWarning, match="every suspect mask of `probe` is empty"):
+        _ProbeData.draw(ExplanationMonitor(probe=empty, methods="gradcam"), trainer)
+    with pytest.warns(UserWarning, match="every suspect mask of `probe` is empty"):
+        _ProbeData.draw(ExplanationMonitor(probe=TensorDataset(x), methods="gradcam",
+                                           spurious_masks=torch.zeros(4, 16, 16)), trainer)
 
 
 def test_state_key_names_the_identifying_arguments() -> None:

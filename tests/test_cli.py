@@ -346,8 +346,16 @@ def test_directory_with_several_stores_lists_them(tmp_path: Path, capsys: pytest
 
 
 def test_unwritable_output_exits_1(alert_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_cli(capsys, "report", alert_store, "--csv", tmp_path / "no_dir" / "r.csv")
+    (tmp_path / "a_file").write_text("not a directory")
+    code, _, err = run_cli(capsys, "report", alert_store, "--csv", tmp_path / "a_file" / "r.csv")
     assert code == 1 and err.startswith(ERROR + "cannot write the --csv file") and err.count("\n") == 1
+
+
+def test_output_folders_are_created(alert_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    page, table = tmp_path / "new" / "deeper" / "r.html", tmp_path / "other" / "r.csv"
+    code, out, _ = run_cli(capsys, "report", alert_store, "--html", page, "--csv", table)
+    assert code == 0 and page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>") and table.stat().st_size > 0
+    assert f"wrote {page}" in out
 
 
 def test_help_and_usage(capsys: pytest.CaptureFixture[str]) -> None:

@@ -84,6 +84,22 @@ def test_layout_categories_charts_and_tags() -> None:
     assert [t.split(":")[0] for t in titles[5:]] == ["expected_gradcam"] * 4 + ["gradcam"] * 4
 
 
+def test_layout_charts_only_the_metrics_computed() -> None:
+    def tags(**kwargs: object) -> list[str]:
+        return [chart_tags[0] for _, _, chart_tags in _charts(custom_scalar_layout(["gradcam"], **kwargs))]
+
+    assert tags() == tags(metrics=("insertion", "deletion", "infidelity", "max_sensitivity"))
+    assert tags(metrics=("insertion", "deletion")) == [
+        "xcam/alert$", "xcam/gradcam/insertion_minus_deletion$", "xcam/gradcam/drift_spearman$",
+        "xcam/gradcam/insertion_auc$", "xcam/gradcam/deletion_auc$", "xcam/gradcam/drift_spearman_first$",
+    ]
+    assert tags(metrics=("deletion",)) == [  # insertion − deletion needs both
+        "xcam/alert$", "xcam/gradcam/drift_spearman$", "xcam/gradcam/deletion_auc$", "xcam/gradcam/drift_spearman_first$",
+    ]
+    with pytest.raises(TypeError, match="`metrics` must be a sequence of metric names"):
+        custom_scalar_layout(["gradcam"], metrics="insertion")
+
+
 def test_every_chart_matches_exactly_one_logged_tag(real_tags: set[str]) -> None:
     assert "xcam/alert" in real_tags and "xcam/expected_gradcam/drift_floor_units_first" in real_tags
     for category, title, (regex,) in _charts(custom_scalar_layout(METHODS)):
