@@ -1213,16 +1213,19 @@ class WarningRule:
             observations: At most one :class:`Observation` per (kind, class).
 
         A (kind, class) missing from this evaluation (a class predicted for too few probe items, a clustering
-        without enough valid maps) starts its streak and rise over: evaluations that count as consecutive
-        must each have observed the signal.
+        without enough valid maps, an evaluation skipped: pass no observations) starts its streak and rise
+        over: evaluations that count as consecutive must each have observed the signal. A pending signal
+        stays pending, as it does while its level stays abnormal.
 
         Returns:
             New :class:`Alert` s, in the order of the observations.
 
         Raises:
-            TypeError: If an item is not an :class:`Observation`.
-            ValueError: On two observations of the same (kind, class). The rule's state is left untouched.
+            TypeError: If an item is not an :class:`Observation`, or ``epoch`` not an int.
+            ValueError: On two observations of the same (kind, class), or a negative ``epoch``. The rule's
+                state is left untouched.
         """
+        check_int(epoch, "epoch", minimum=0)
         keyed: dict[str, Observation] = {}
         for obs in observations:
             if not isinstance(obs, Observation):
@@ -1233,7 +1236,7 @@ class WarningRule:
             keyed[key] = obs
         for key, series in self._series.items():
             if key not in keyed:
-                series.streak, series.pending, series.last = 0, False, None
+                series.streak, series.last = 0, None
         alerts = [self._signal(epoch, key, obs) for key, obs in keyed.items()]
         return [alert for alert in alerts if alert is not None]
 

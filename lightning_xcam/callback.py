@@ -225,13 +225,12 @@ class ExplanationMonitor(Callback):
             raise MisconfigurationException(f"`store` must be None, a path or False, got {type(store).__name__}.")
         if probe is not None and not hasattr(probe, "__getitem__"):
             raise MisconfigurationException(f"`probe` must be a Dataset of (x, y[, mask]) items, got {type(probe).__name__}.")
-        if isinstance(probe, Mapping) or (isinstance(probe, (tuple, list)) and probe
-                                          and isinstance(probe[0], Tensor) and probe[0].ndim == 4):
-            got = (f"a dict with keys {sorted(map(str, probe))[:4]}" if isinstance(probe, Mapping) else
-                   f"a {type(probe).__name__} of whole tensors {[tuple(getattr(t, 'shape', ())) for t in probe]}")
+        parts = list(probe.values()) if isinstance(probe, Mapping) else probe if isinstance(probe, (tuple, list)) else []
+        if parts and isinstance(parts[0], Tensor) and parts[0].ndim == 4:  # the whole image batch, not one item
+            shapes = [tuple(getattr(t, "shape", ())) for t in parts]
             raise MisconfigurationException(
-                f"`probe` must be a Dataset of (x, y[, mask]) items, got {got}; wrap the tensors: "
-                "probe=TensorDataset(images, labels[, masks])."
+                f"`probe` must be a Dataset of (x, y[, mask]) items, got a {type(probe).__name__} of whole tensors "
+                f"{shapes}; wrap the tensors: probe=TensorDataset(images, labels[, masks])."
             )
         if spurious_masks is not None:
             if not isinstance(spurious_masks, Tensor) or spurious_masks.ndim != 3:
@@ -503,6 +502,7 @@ class ExplanationMonitor(Callback):
                 "diverged?); this evaluation is skipped and nothing is logged for it.",
                 category=UserWarning,
             )
+            self._warning_rule.update(epoch, [])  # no signal was observed: the evaluations around it are not consecutive
             return
         seconds_per_forward = (time.perf_counter() - predicted) / self._data.x.shape[0]
         data = self._data.shard(trainer, pl_module, limit=max(2, trainer.world_size) if minimal else None)
@@ -967,7 +967,8 @@ class _ProbeData:
                     f"{[x.shape[0], *x.shape[-2:]]}, got {list(masks.shape)}."
                 )
         if masks is not None and not bool(masks.any()):
-            rank_zero_warn(f"ExplanationMonitor: every suspect mask of {source} is empty, so no region is tested (no "
+            given = "`spurious_masks`" if monitor.spurious_masks is not None else f"the masks of {source}"
+            rank_zero_warn(f"ExplanationMonitor: every one of {given} is empty, so no region is tested (no "
                            "spurious_mass signal); mark the suspect pixels True.", category=UserWarning)
         targets = torch.zeros(x.shape[0], dtype=torch.long)
         return cls(x, targets, torch.as_tensor(indices), masks, references, fit, min(monitor.floor_size, x.shape[0]))

@@ -138,7 +138,9 @@ def _read_failure(path: Path, err: Exception) -> str:
 
 def _write(out: str, option: str, write: Callable[[str], object]) -> None:
     try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(out).parent
+        if not folder.exists():  # an existing file in its place is left to the write's own error
+            folder.mkdir(parents=True)
         write(out)
     except OSError as err:
         raise CliError(f"cannot write the {option} file '{out}': {err.strerror or err}.", code=1) from None

@@ -9,6 +9,9 @@ out of the two dozen scalars :class:`~lightning_xcam.ExplanationMonitor` logs:
    drift against the previous evaluation.
 2. **xcam: <method>**, one category per method — insertion AUC, deletion AUC, infidelity and drift
    against the first evaluation.
+
+Scores are charted only when the monitor computes them (``metrics=``; insertion − deletion needs both),
+so no chart waits for a scalar that never comes.
 3. **xcam: shortcut signals** (when the method the shortcut checks use is given) — the tiny-region
    reliance z (fill-in), its transplant z and the border mass, to watch a signal build up to an alert.
 
@@ -122,7 +125,7 @@ def custom_scalar_layout(
         A ``layout_pb2.Layout``: the category ``"xcam: at a glance"`` (the alert, then insertion − deletion
         and drift vs the previous evaluation of every method), then one category ``"xcam: <method>"`` per
         method (insertion, deletion, infidelity, drift vs the first evaluation), then with ``shortcuts``
-        the category ``"xcam: shortcut signals"``.
+        the category ``"xcam: shortcut signals"``; score charts only for the ``metrics`` given.
 
     Raises:
         TypeError: If ``methods`` is a string or holds something other than strings, or ``metrics`` is not

@@ -763,3 +763,15 @@ def test_observe_and_kmeans_name_their_bad_counts_before_any_work() -> None:
     for name in ("n_init", "max_iter"):
         with pytest.raises(ValueError, match=f"`{name}` must be an int >= 1"):
             kmeans(points, 2, **{name: 0})
+
+
+def test_rule_pending_signal_survives_an_evaluation_that_missed_it() -> None:
+    def border(value: float, z: float) -> list[Observation]:
+        return [Observation("border", 7, value, z=z)]
+
+    rule = WarningRule(patience=2)
+    # rises to pending at evaluation 2 (unconfirmed), missing at 3, confirmed at 4 while still abnormal
+    evaluations = [border(0.1, 0.0), border(0.2, 0.0), border(0.3, 0.0), [], border(0.3, 5.0)]
+    assert [a.epoch for t, obs in enumerate(evaluations) for a in rule.update(t, obs)] == [4]
+    with pytest.raises(TypeError, match="`epoch` must be an int"):
+        rule.update("5", [])

@@ -26,6 +26,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_xcam import ExplanationMonitor
+from lightning_xcam.alerts import WarningRule
 from lightning_xcam.budget import CostBudget
 from lightning_xcam.callback import _ProbeData
 from lightning_xcam.demos import DigitsClassifier, SmallCNN, load_digits_tensors
@@ -338,7 +339,7 @@ def test_store_survives_a_process_killed_mid_evaluation(tmp_path: Path) -> None:
          r"`spurious_masks` must be boolean, integer or 0/1.*\[0.4.*mask > 0.5\.$"),
         ({"spurious_masks": [[0, 1]]}, r"spurious_masks.*\[P, H, W\].*torch.as_tensor"),
         ({"probe": (torch.zeros(6, 1, 16, 16), torch.zeros(6))}, r"tuple of whole tensors.*TensorDataset\(images"),
-        ({"probe": {"x": torch.zeros(6, 1, 16, 16)}}, r"a dict with keys \['x'\].*TensorDataset"),
+        ({"probe": {"x": torch.zeros(6, 1, 16, 16)}}, r"a dict of whole tensors \[\(6, 1, 16, 16\)\].*TensorDataset"),
         ({"spurious_masks": torch.zeros(6, 16, 16)}, "explicit `probe`"),
     ],
 )
@@ -590,6 +591,13 @@ def test_explicit_spurious_masks_replace_what_probe_items_carry() -> None:
         _ProbeData.draw(ExplanationMonitor(probe=probe, methods="gradcam"), trainer)
 
 
+def test_a_dict_of_items_is_a_probe() -> None:
+    trainer = SimpleNamespace(train_dataloader=None, val_dataloaders=None, world_size=1)
+    probe = {i: (torch.full((1, 16, 16), float(i)), 0) for i in range(4)}  # map-style: keys 0..n-1
+    drawn = _ProbeData.draw(ExplanationMonitor(probe=probe, methods="gradcam"), trainer)
+    assert drawn.x[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
 def test_probe_masks_that_test_nothing_are_named() -> None:
     trainer = SimpleNamespace(train_dataloader=None, val_dataloaders=None, world_size=1)
     x = torch.zeros(4, 1, 16, 16)
@@ -597,9 +605,9 @@ def test_probe_masks_that_test_nothing_are_named() -> None:
     with pytest.warns(UserWarning, match=r"2-D, \(8, 8\), but the images are \(16, 16\): they are not used"):
         assert _ProbeData.draw(ExplanationMonitor(probe=small, methods="gradcam"), trainer).masks is None
     empty = TensorDataset(x, torch.zeros(4), torch.zeros(4, 16, 16, dtype=torch.bool))
-    with pytest.warns(UserWarning, match="every suspect mask of `probe` is empty"):
+    with pytest.warns(UserWarning, match="every one of the masks of `probe` is empty"):
         _ProbeData.draw(ExplanationMonitor(probe=empty, methods="gradcam"), trainer)
-    with pytest.warns(UserWarning, match="every suspect mask of `probe` is empty"):
+    with pytest.warns(UserWarning, match="every one of `spurious_masks` is empty"):
         _ProbeData.draw(ExplanationMonitor(probe=TensorDataset(x), methods="gradcam",
                                            spurious_masks=torch.zeros(4, 16, 16)), trainer)
 
@@ -713,11 +721,22 @@ class _Diverging(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def test_a_diverged_model_skips_evaluations_without_stopping_fit_or_logging_nan(tmp_path: Path) -> None:
+def test_a_diverged_model_skips_evaluations_without_stopping_fit_or_logging_nan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fed: list[tuple[int, list]] = []
+    update = WarningRule.update
+
+    def spy(rule: WarningRule, epoch: int, observations: list) -> list:
+        fed.append((epoch, list(observations)))
+        return update(rule, epoch, observations)
+
+    monkeypatch.setattr(WarningRule, "update", spy)
     monitor = ExplanationMonitor(target_layer="net.features", store=False, **{**FAST, "log_images": 0})
     with pytest.warns(UserWarning, match="not finite at epoch 0"):
         _trainer(tmp_path, [monitor], max_epochs=2).fit(_Diverging(), datamodule=DigitsData())
     assert monitor.history == []  # both evaluations skipped
+    assert fed == [(0, []), (1, [])]  # each skip is an evaluation without signals: no streak spans it
 
 
 class _DeadFeatures(torch.nn.Module):

@@ -349,6 +349,7 @@ def test_unwritable_output_exits_1(alert_store: Path, tmp_path: Path, capsys: py
     (tmp_path / "a_file").write_text("not a directory")
     code, _, err = run_cli(capsys, "report", alert_store, "--csv", tmp_path / "a_file" / "r.csv")
     assert code == 1 and err.startswith(ERROR + "cannot write the --csv file") and err.count("\n") == 1
+    assert err.rstrip().endswith("Not a directory.")
 
 
 def test_output_folders_are_created(alert_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
