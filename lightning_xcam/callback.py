@@ -272,6 +272,7 @@ class ExplanationMonitor(Callback):
             raise MisconfigurationException(str(err)) from err
         self.max_overhead = max_overhead
         self._store: ExplanationStore | None = None
+        self._stage: str | None = None  # the trainer's current stage, from `setup`
         self._start_run()
 
     def _start_run(self) -> None:
@@ -307,6 +308,7 @@ class ExplanationMonitor(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = stage
         if stage == "fit":
             # before Lightning restores a checkpoint's callback state; a monitor reused for a second fit
             # must not explain the first fit's model nor count its epochs as done
@@ -423,6 +425,9 @@ class ExplanationMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._stage in ("validate", "test", "predict"):
+            # `trainer.test(ckpt_path="best")` restores callbacks too: the monitor keeps the fit's history
+            return
         self.run_id = state_dict["run_id"]
         self._checkpoint_store = state_dict.get("store")
         self._restored = True

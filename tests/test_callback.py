@@ -149,6 +149,9 @@ def test_resume_continues_history_and_store_once_per_epoch(tmp_path: Path) -> No
         assert db.epochs() == [0, 1, 2, 3]
         rows = db.metrics(method="expected_gradcam", metric="deletion_auc")
         assert len(rows) == 4 * 6 and len({(r["epoch"], r["sample"]) for r in rows}) == 4 * 6
+    # validating an older checkpoint restores callbacks too; the monitor keeps the fit's history and alerts
+    trainer.validate(DigitsModule(), datamodule=DigitsData(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
 
 
 def test_resume_continues_the_default_store_and_a_fork_keeps_the_original(tmp_path: Path) -> None:

@@ -131,8 +131,9 @@ class _LayerProbe:
         if not logits.requires_grad:
             raise ValueError(
                 "the model's output does not depend on the target layer with gradients: the layer comes after the "
-                "head, or the forward computes what follows it under `torch.no_grad()`/`inference_mode` (a frozen "
-                "backbone). Pick a layer before the head, or freeze with `requires_grad_(False)` instead."
+                "head, or the forward runs the layer or what follows it under `torch.no_grad()`/`inference_mode` "
+                "(a frozen backbone in a `with torch.no_grad():` block). Pick a layer before the head, or freeze "
+                "with `requires_grad_(False)` instead."
             )
         c = resolve_targets(targets, logits[0])
         score = logits.gather(2, c.view(1, -1, 1).expand(logits.shape[0], -1, 1)).sum()
