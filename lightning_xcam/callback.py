@@ -559,9 +559,15 @@ class ExplanationMonitor(Callback):
         summaries["xcam/alert"] = float(bool(new_alerts))
         summaries["xcam/overhead"] = self.budget.overhead
         summaries["xcam/time_s"] = time.perf_counter() - started
-        for tag, value in summaries.items():
-            pl_module.log(tag, value, on_step=False, on_epoch=True, logger=bool(trainer.loggers), sync_dist=False)
         step = trainer.fit_loop.epoch_loop._batches_that_stepped - int(in_train_hook)
+        if epoch == trainer.current_epoch:
+            for tag, value in summaries.items():
+                pl_module.log(tag, value, on_step=False, on_epoch=True, logger=bool(trainer.loggers), sync_dist=False)
+        elif trainer.is_global_zero:
+            # a missed epoch evaluated at train start: `log` there would be folded into this epoch's values,
+            # at its step; the loggers take it at its own step, and `callback_metrics` stay this epoch's
+            for logger in trainer.loggers:
+                logger.log_metrics(summaries, step=step)
         if trainer.is_global_zero:
             self._log_images(trainer, maps_by_method, step, new_alerts)
             if self._store is not None:

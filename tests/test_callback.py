@@ -208,16 +208,24 @@ def test_an_epoch_whose_end_a_last_batch_checkpoint_skips_is_evaluated_on_resume
 
             monitor._run_evaluation = crashing
         checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=6)
-        _trainer(tmp_path, [monitor, checkpoints], max_epochs=max_epochs, enable_checkpointing=True).fit(
-            DigitsModule(), datamodule=DigitsData(), ckpt_path=ckpt_path)
+        trainers.append(_trainer(tmp_path, [monitor, checkpoints], max_epochs=max_epochs, enable_checkpointing=True))
+        trainers[-1].fit(DigitsModule(), datamodule=DigitsData(), ckpt_path=ckpt_path)
         return monitor
 
+    trainers: list[pl.Trainer] = []
     pl.seed_everything(5)
     with pytest.raises(_Crash):
         fit(3, crash_at=1)
     resumed = fit(3, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     with ExplanationStore(store, run="version_0", create=False) as db:
         assert db.epochs() == [0, 1, 2]
+    # epoch 1, evaluated at train start, reaches TensorBoard at its own step; the trainer's metrics are epoch 2's
+    tag = "xcam/expected_gradcam/drift_spearman"
+    events = EventAccumulator(str(tmp_path / "version_0"), size_guidance={"scalars": 0}).Reload()
+    logged = {e.step: e.value for e in events.Scalars(tag)}
+    drifts = [(h["step"], h[tag]) for h in resumed.history if tag in h]  # epochs 1 and 2 (0 has no previous)
+    assert len(drifts) == 2 and all(logged[step] == pytest.approx(value) for step, value in drifts)
+    assert float(trainers[-1].callback_metrics[tag]) == pytest.approx(resumed.history[-1][tag])
     store.unlink()
     whole = fit(3)  # the same run without the crash: the same evaluations at the same steps
     assert [(h["epoch"], h["step"]) for h in resumed.history] == [(h["epoch"], h["step"]) for h in whole.history]
