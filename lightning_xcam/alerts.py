@@ -1321,8 +1321,9 @@ class WarningRule:
             return f"{who} explanations concentrate on the image border (border mass {obs.value:.2f}, {since})"
         if obs.kind == "intervention":
             transplant = "" if obs.z_transplant is None else f", transplant z {obs.z_transplant:.1f}"
+            times = f"{series.streak} consecutive evaluation{'s' * (series.streak != 1)}"
             return (f"{who} relies on a tiny region of the input (paired reliance z {obs.value:.1f}{transplant} "
-                    f"vs {threshold:g}; confirmed at {series.streak} consecutive evaluation{'s' * (series.streak != 1)})")
+                    f"vs {threshold:g}; confirmed at {times})")
         if obs.flagged:
             return f"{who} explanations form a flagged cluster (spectral clustering; focus {obs.value:.2f})"
         return f"{who} explanations concentrate on one location across images (focus {obs.value:.2f}, {since})"

@@ -225,7 +225,8 @@ class ExplanationMonitor(Callback):
             raise MisconfigurationException(f"`store` must be None, a path or False, got {type(store).__name__}.")
         if probe is not None and not hasattr(probe, "__getitem__"):
             raise MisconfigurationException(f"`probe` must be a Dataset of (x, y[, mask]) items, got {type(probe).__name__}.")
-        parts = list(probe.values()) if isinstance(probe, Mapping) else probe if isinstance(probe, (tuple, list)) else []
+        parts = (list(probe.values()) if isinstance(probe, Mapping)
+                 else probe if isinstance(probe, (tuple, list)) else [])
         if parts and isinstance(parts[0], Tensor) and parts[0].ndim == 4:  # the whole image batch, not one item
             shapes = [tuple(getattr(t, "shape", ())) for t in parts]
             raise MisconfigurationException(
@@ -507,7 +508,8 @@ class ExplanationMonitor(Callback):
                 "diverged?); this evaluation is skipped and nothing is logged for it.",
                 category=UserWarning,
             )
-            self._warning_rule.update(epoch, [])  # no signal was observed: the evaluations around it are not consecutive
+            # no signal was observed: the evaluations around this one are not consecutive
+            self._warning_rule.update(epoch, [])
             return
         seconds_per_forward = (time.perf_counter() - predicted) / self._data.x.shape[0]
         data = self._data.shard(trainer, pl_module, limit=max(2, trainer.world_size) if minimal else None)

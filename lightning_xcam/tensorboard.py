@@ -98,7 +98,9 @@ _CHARTED_METRICS = ("insertion", "deletion", "infidelity")
 def _check_metrics(metrics: object) -> set[str]:
     """``metrics`` as a set of names, or a clear error (any names: those not charted are ignored)."""
     if isinstance(metrics, str) or not isinstance(metrics, Sequence) or not all(isinstance(m, str) for m in metrics):
-        raise TypeError(f"`metrics` must be a sequence of metric names such as ['insertion', 'deletion'], got {metrics!r}.")
+        raise TypeError(
+            f"`metrics` must be a sequence of metric names such as ['insertion', 'deletion'], got {metrics!r}."
+        )
     return set(metrics)
 
 
@@ -151,7 +153,8 @@ def custom_scalar_layout(
               ("deletion", "deletion AUC (lower is better)", "deletion_auc"),
               ("infidelity", "infidelity (lower is better)", "infidelity"))
     for method in methods:
-        charts = [_chart(f"{method}: {title}", _tag(method, tag)) for metric, title, tag in scores if metric in computed]
+        charts = [_chart(f"{method}: {title}", _tag(method, tag))
+                  for metric, title, tag in scores if metric in computed]
         charts.append(_drift_chart(method, "first", floors))
         categories.append(layout_pb2.Category(title=f"xcam: {method}", chart=charts))
     if shortcuts is not None:

@@ -94,7 +94,8 @@ def test_layout_charts_only_the_metrics_computed() -> None:
         "xcam/gradcam/insertion_auc$", "xcam/gradcam/deletion_auc$", "xcam/gradcam/drift_spearman_first$",
     ]
     assert tags(metrics=("deletion",)) == [  # insertion − deletion needs both
-        "xcam/alert$", "xcam/gradcam/drift_spearman$", "xcam/gradcam/deletion_auc$", "xcam/gradcam/drift_spearman_first$",
+        "xcam/alert$", "xcam/gradcam/drift_spearman$", "xcam/gradcam/deletion_auc$",
+        "xcam/gradcam/drift_spearman_first$",
     ]
     with pytest.raises(TypeError, match="`metrics` must be a sequence of metric names"):
         custom_scalar_layout(["gradcam"], metrics="insertion")
