@@ -9,11 +9,11 @@ out of the two dozen scalars :class:`~lightning_xcam.ExplanationMonitor` logs:
    drift against the previous evaluation.
 2. **xcam: <method>**, one category per method — insertion AUC, deletion AUC, infidelity and drift
    against the first evaluation.
+3. **xcam: shortcut signals** (when the method the shortcut checks use is given) — the tiny-region
+   reliance z (fill-in), its transplant z and the border mass, to watch a signal build up to an alert.
 
 Scores are charted only when the monitor computes them (``metrics=``; insertion − deletion needs both),
 so no chart waits for a scalar that never comes.
-3. **xcam: shortcut signals** (when the method the shortcut checks use is given) — the tiny-region
-   reliance z (fill-in), its transplant z and the border mass, to watch a signal build up to an alert.
 
 Every chart holds one scalar, because TensorBoard colours lines by run and not by tag: several tags in
 one chart could only be told apart by hovering. Drift is charted in noise-floor units (``≈ 1``: as
@@ -92,7 +92,11 @@ def _drift_chart(method: str, reference: str, floors: bool) -> layout_pb2.Chart:
     return _chart(f"{method}: drift vs {reference} evaluation, {unit}", _tag(method, name))
 
 
-_CHARTED_METRICS = ("insertion", "deletion", "infidelity")
+#: (metric, chart title, scalar name) of the scores charted per method.
+_SCORE_CHARTS = (("insertion", "insertion AUC (higher is better)", "insertion_auc"),
+                 ("deletion", "deletion AUC (lower is better)", "deletion_auc"),
+                 ("infidelity", "infidelity (lower is better)", "infidelity"))
+_CHARTED_METRICS = tuple(metric for metric, _, _ in _SCORE_CHARTS)
 
 
 def _check_metrics(metrics: object) -> set[str]:
@@ -149,12 +153,9 @@ def custom_scalar_layout(
                                  _tag(method, "insertion_minus_deletion")))
         glance.append(_drift_chart(method, "previous", floors))
     categories = [layout_pb2.Category(title="xcam: at a glance", chart=glance)]
-    scores = (("insertion", "insertion AUC (higher is better)", "insertion_auc"),
-              ("deletion", "deletion AUC (lower is better)", "deletion_auc"),
-              ("infidelity", "infidelity (lower is better)", "infidelity"))
     for method in methods:
         charts = [_chart(f"{method}: {title}", _tag(method, tag))
-                  for metric, title, tag in scores if metric in computed]
+                  for metric, title, tag in _SCORE_CHARTS if metric in computed]
         charts.append(_drift_chart(method, "first", floors))
         categories.append(layout_pb2.Category(title=f"xcam: {method}", chart=charts))
     if shortcuts is not None:
